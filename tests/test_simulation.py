@@ -102,7 +102,7 @@ def test_federation_learns_bbc_news():
     # Weak clients trained within their budget instead of failing.
     assert sum(r.failed_oom for r in history.rounds) == 0
     weak = [c for c in history.clients if c.tier == "weak"]
-    assert weak and all(c.experts_per_step <= c.capacity < 48 for c in weak)
+    assert weak and all(c.experts_per_step_max <= c.capacity < 48 for c in weak)
 
 
 def test_budget_unaware_fedavg_loses_clients_to_oom_and_hfedmoe_does_not():
@@ -115,7 +115,7 @@ def test_budget_unaware_fedavg_loses_clients_to_oom_and_hfedmoe_does_not():
     assert ours.rounds[0].failed_oom == 0
     assert ours.rounds[0].succeeded == ours.rounds[0].sampled
     for c in ours.clients:
-        assert c.experts_per_step <= c.capacity
+        assert c.experts_per_step_max <= c.capacity
         assert c.capacity == 3 if c.tier == "weak" else c.capacity == 8
 
 
@@ -144,8 +144,21 @@ def test_every_strategy_runs_within_its_rules(name):
     elif name == "fedavg_full":
         assert metrics.failed_oom > 0
     else:
-        assert ok and all(c.experts_per_step <= c.capacity for c in ok)
+        assert ok and all(c.experts_per_step_max <= c.step_limit for c in ok)
         assert metrics.experts_updated > 0
+
+
+def test_per_layer_budget_bounds_every_layer_of_every_step():
+    cfg = tiny_config(rounds=1)
+    cfg = cfg.model_copy(
+        update={"hfedmoe": cfg.hfedmoe.model_copy(update={"budget_scope": "per_layer"})}
+    )
+    history, _ = run_simulation(cfg)
+    ok = [c for c in history.clients if c.failure is None]
+    # The weak tier fits 3 experts in all: 1 per layer of the 2 MoE layers, so 2 a step.
+    weak = [c for c in ok if c.tier == "weak"]
+    assert weak and all(c.capacity == 1 and c.step_limit == 2 for c in weak)
+    assert all(0 < c.experts_per_step_max <= c.step_limit for c in ok)
 
 
 def test_round_deadline_drops_late_clients_and_keeps_the_model():

@@ -52,8 +52,10 @@ class ClientUpdate:
     trained: np.ndarray | None = None  # [L, E] experts this client really updated
     loss: float = math.nan
     steps: int = 0
-    experts_per_step: float = 0.0
-    capacity: int = 0  # C_budget
+    experts_per_step: float = 0.0  # mean over steps of the experts that got a gradient
+    experts_per_step_max: int = 0
+    capacity: int = 0  # C_budget, in the configured scope (per layer or over all layers)
+    step_limit: int = 0  # experts one step may train, over all layers
     flops: float = 0.0
     memory_bytes: float = 0.0  # modelled peak of a step
     measured_peak_bytes: float | None = None  # on GPU: allocator peak under the enforced cap
@@ -159,6 +161,7 @@ class _Tally:
     samples: int = 0
     loss_sum: float = 0.0
     selected: int = 0
+    selected_max: int = 0
     flops: float = 0.0
 
 
@@ -206,10 +209,12 @@ class LocalTrainer:
             fp, budget.memory_bytes, batch_size, hp.budget_scope, budget.max_experts
         )
         # Eq 15's C_budget counts experts over all layers; per_layer scope means C per layer.
-        per_step = update.capacity * (adapter.num_layers if hp.budget_scope == "per_layer" else 1)
-        planned = planned_experts(self.strategy, per_step, fp.num_experts_total)
-        update.memory_bytes = step_memory_bytes(fp, planned, batch_size, self.zero_stage)
-        if not fits(fp, budget.memory_bytes, planned, batch_size, self.zero_stage):
+        layers = adapter.num_layers if hp.budget_scope == "per_layer" else 1
+        update.step_limit = planned_experts(
+            self.strategy, update.capacity * layers, fp.num_experts_total
+        )
+        update.memory_bytes = step_memory_bytes(fp, update.step_limit, batch_size, self.zero_stage)
+        if not fits(fp, budget.memory_bytes, update.step_limit, batch_size, self.zero_stage):
             # The device runs out of memory in its first step: the update is lost, and
             # the client spent the download.
             return _failed(update, "oom", budget)
@@ -218,9 +223,10 @@ class LocalTrainer:
         torch.manual_seed(int(rng.integers(2**62)))  # dropout
         on_gpu = self.device.type == "cuda"
         if on_gpu:
-            _cap_gpu_memory(self.device, budget.memory_bytes)
+            margin = self.cfg.runtime.gpu_memory_margin
+            _cap_gpu_memory(self.device, budget.memory_bytes * (1 + margin))
         try:
-            tally = self._local_steps(indices, per_step, rng)
+            tally = self._local_steps(indices, update.capacity, rng)
         except torch.cuda.OutOfMemoryError:
             return _failed(update, "oom", budget)  # measured, under the enforced cap
         finally:
@@ -233,6 +239,7 @@ class LocalTrainer:
         update.importance = (tally.importance_sum / max(tally.steps, 1)).numpy()
         update.trained = tally.trained.numpy()
         update.experts_per_step = tally.selected / max(tally.steps, 1)
+        update.experts_per_step_max = tally.selected_max
         update.shared = adapter.named_arrays(adapter.shared_names)
         update.gates = adapter.named_arrays(adapter.gate_names)
         for layer in range(adapter.num_layers):
@@ -251,7 +258,8 @@ class LocalTrainer:
         )
         return update
 
-    def _local_steps(self, indices: np.ndarray, per_step: int, rng: np.random.Generator) -> _Tally:
+    def _local_steps(self, indices: np.ndarray, capacity: int, rng: np.random.Generator) -> _Tally:
+        """The local steps; ``capacity`` is C_budget in the configured scope (eq 15)."""
         adapter, strategy, hp = self.adapter, self.strategy, self.cfg.hfedmoe
         layers_by_experts = (adapter.num_layers, adapter.num_experts)
         tally = _Tally(
@@ -270,7 +278,7 @@ class LocalTrainer:
                     batch["input_ids"], batch["attention_mask"], capture_routing=True
                 )
                 loss = F.cross_entropy(logits, batch["labels"])
-                active = strategy.select_experts(routing, per_step, hp, rng)
+                active = strategy.select_experts(routing, capacity, hp, rng)
                 adapter.set_active_experts(active)
                 step_tensors = leaves.for_step(active)
                 torch.autograd.backward(loss, inputs=list(step_tensors.values()))
@@ -287,8 +295,11 @@ class LocalTrainer:
         tally.prob_sum += routing.probs.sum(dim=1).double()
         mix = self.cfg.hfedmoe.importance_mix
         tally.importance_sum += batch_importance(routing.probs, mix).double()
-        tally.trained |= active & routing.routed.any(dim=1)
-        tally.selected += int(active.sum())
+        # fedavg_full marks every expert active; only the routed ones receive a gradient.
+        trained = active & routing.routed.any(dim=1)
+        tally.trained |= trained
+        tally.selected += int(trained.sum())
+        tally.selected_max = max(tally.selected_max, int(trained.sum()))
 
     def _throwaway_step(self, batch, leaves) -> tuple[torch.Tensor, torch.Tensor]:
         """A forward and backward with no expert trained, for FLOP calibration only.
@@ -329,7 +340,13 @@ def _failed(update: ClientUpdate, failure: str, budget: Budget) -> ClientUpdate:
 
 
 def _cap_gpu_memory(device: torch.device, memory_bytes: float) -> None:
-    """Enforce the client's memory budget on the GPU this process uses, and reset the peak."""
+    """Enforce the client's memory budget on the GPU this process uses, and reset the peak.
+
+    The cap is the modelled budget plus ``runtime.gpu_memory_margin``: the model counts
+    tensors, while the device also holds the allocator's slack and library workspaces.
+    A client that runs out under the cap fails as on a device; on GPUs that verdict can
+    therefore differ from a CPU run's, which only the model decides.
+    """
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, memory_bytes / total), device)
     torch.cuda.reset_peak_memory_stats(device)

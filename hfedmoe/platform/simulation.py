@@ -61,8 +61,8 @@ def evaluate(adapter: MoEAdapter, test: TokenizedText, batch_size: int) -> tuple
 def inject_faults(update: ClientUpdate, cfg: ExperimentConfig, round_index: int) -> ClientUpdate:
     """Apply the config's injected update corruption (faults.corrupt) to a finished update.
 
-    Crash faults are the Ray runner's business (an actor process dies and the client is
-    retried); in one process they are no-ops, which is what a successful retry yields.
+    Crash and hang faults are the Ray runner's business (an actor dies or stalls and the
+    client is retried); in one process they are no-ops, which is what a retry yields.
     """
     if update.failed or (round_index, update.client_id) not in cfg.faults.corrupt:
         return update
@@ -123,8 +123,10 @@ class ClientRecord:
     round: int
     client: int
     tier: str
-    capacity: int
+    capacity: int  # C_budget in the configured scope
+    step_limit: int  # experts one step may train, over all layers
     experts_per_step: float
+    experts_per_step_max: int
     experts_trained: int
     loss: float
     seconds: float
@@ -209,7 +211,9 @@ class RoundBook:
                     client=u.client_id,
                     tier=budgets.tier_names[budgets.tier[u.client_id]],
                     capacity=u.capacity,
+                    step_limit=u.step_limit,
                     experts_per_step=u.experts_per_step,
+                    experts_per_step_max=u.experts_per_step_max,
                     experts_trained=int(u.trained.sum()) if u.trained is not None else 0,
                     loss=u.loss,
                     seconds=u.seconds,

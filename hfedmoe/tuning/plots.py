@@ -51,23 +51,31 @@ def usage_heatmap(history: History, path: Path) -> Path:
 
 
 def selected_vs_budget(history: History, path: Path) -> Path:
-    """Experts trained per step against each client's C_budget, by tier; failures marked."""
+    """Experts trained per step against what each client's C_budget allows, by tier.
+
+    The x axis counts experts over all layers (C_budget times the layers under the
+    per_layer scope); failed clients are marked at zero.
+    """
     fig = Figure(figsize=(5.5, 4))
     ax = fig.subplots()
     tiers = sorted({c.tier for c in history.clients})
     for tier in tiers:
         ok = [c for c in history.clients if c.tier == tier and c.failure is None]
         ax.scatter(
-            [c.capacity for c in ok], [c.experts_per_step for c in ok], label=tier, alpha=0.6
+            [c.step_limit for c in ok], [c.experts_per_step for c in ok], label=tier, alpha=0.6
         )
         failed = [c for c in history.clients if c.tier == tier and c.failure is not None]
         if failed:
             ax.scatter(
-                [c.capacity for c in failed], [0] * len(failed), marker="x", color="red", alpha=0.6
+                [c.step_limit for c in failed],
+                [0] * len(failed),
+                marker="x",
+                color="red",
+                alpha=0.6,
             )
-    top = max([c.capacity for c in history.clients] + [1])
+    top = max([c.step_limit for c in history.clients] + [1])
     ax.plot([0, top], [0, top], color="grey", linestyle="--", linewidth=1, label="C_budget")
-    ax.set(xlabel="C_budget (experts)", ylabel="experts trained per step")
+    ax.set(xlabel="experts a step may train (C_budget)", ylabel="experts trained per step")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
