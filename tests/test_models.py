@@ -331,3 +331,24 @@ def test_hashed_vocabulary_for_tiny_models():
     ids, mask, _ = batch(adapter)
     logits, routing = adapter.forward(ids, mask, capture_routing=True)
     assert logits.shape == (4, 3) and routing.probs.shape[0] == 1
+
+
+def test_switch_tokens_dropped_for_capacity_are_not_routed():
+    adapter = tiny("switch_transformers")
+    for layer in adapter.layers:
+        layer.router.expert_capacity = 1  # one token per expert and sequence: most drop
+    ids, mask, _ = batch(adapter)
+    _, routing = adapter.forward(ids, mask, capture_routing=True)
+    valid = int(mask.sum())
+    # The experts still compute every token (dropped ones with weight 0)...
+    assert routing.pair_counts.sum(-1).tolist() == [ids.numel()] * adapter.num_layers
+    # ...but at most one token per expert and sequence counts as routed to it.
+    assert (routing.token_counts.sum(-1) <= adapter.num_experts * ids.shape[0]).all()
+    assert (routing.token_counts.sum(-1) < valid).all()
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "switch_transformers"])
+def test_expert_rows_of_no_expert_are_empty(kind):
+    adapter = tiny(kind)
+    rows = adapter.expert_rows(0, [])
+    assert rows and all(a.shape[0] == 0 for a in rows.values())

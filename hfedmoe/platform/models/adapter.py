@@ -20,8 +20,10 @@ from torch import nn
 from hfedmoe.platform.devices import ModelFootprint
 from hfedmoe.platform.models.experts import BackwardPlan
 
-# Reads a router module's forward output: (router logits [..., E], top-k expert ids [..., k]).
-RouterReader = Callable[[object], tuple[torch.Tensor, torch.Tensor]]
+# Reads a router module's forward output: (router logits [..., E], the top-k expert ids the
+# experts compute [..., k], whether each slot really routes its token [..., k]; False where
+# a capacity-limited router drops a token, which the experts then compute with weight 0).
+RouterReader = Callable[[object], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 class FusedExperts:
@@ -44,14 +46,16 @@ class FusedExperts:
         return {n: p.data[expert] for n, p in self.stacked().items()}
 
     def rows(self, experts: list[int]) -> dict[str, torch.Tensor]:
-        index = torch.tensor(experts, dtype=torch.long)
-        return {n: p.detach().index_select(0, index) for n, p in self.stacked().items()}
+        return {
+            n: p.detach().index_select(0, torch.tensor(experts, dtype=torch.long, device=p.device))
+            for n, p in self.stacked().items()
+        }
 
     @torch.no_grad()
     def write(self, experts: list[int], tensors: dict[str, torch.Tensor]) -> None:
-        index = torch.tensor(experts, dtype=torch.long)
         for n, p in self.stacked().items():
-            p.index_copy_(0, index, tensors[n].to(p.dtype))
+            index = torch.tensor(experts, dtype=torch.long, device=p.device)
+            p.index_copy_(0, index, tensors[n].to(p.device, p.dtype))
 
     def begin_training(self) -> list[dict[str, torch.Tensor]]:
         leaves = [
@@ -246,8 +250,8 @@ class MoEAdapter:
     def _router_hook(self, layer: MoELayer):
         def hook(_module, _inputs, output):
             if self._capture is not None:
-                logits, top_k_index = layer.read_router(output)
-                self._capture.append((logits.detach(), top_k_index.detach()))
+                logits, top_k_index, kept = layer.read_router(output)
+                self._capture.append((logits.detach(), top_k_index.detach(), kept.detach()))
 
         return hook
 
@@ -386,21 +390,25 @@ class MoEAdapter:
 
 
 def reduce_routing(
-    captured: list[tuple[torch.Tensor, torch.Tensor]],
+    captured: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     attention_mask: torch.Tensor,
     num_experts: int,
 ) -> BatchRouting:
-    """Per-token router logits and top-k ids -> per-sample G_e(x) and routed sets."""
+    """Per-token router logits and top-k ids -> per-sample G_e(x) and routed sets.
+
+    Pair counts include padding and dropped tokens (the experts compute them); routed sets
+    and token counts include only tokens that are real and really routed.
+    """
     batch, seq = attention_mask.shape
     valid = attention_mask.to(torch.float32).unsqueeze(-1)  # [B, S, 1]
     counts = valid.sum(dim=1).clamp_min(1.0)  # [B, 1]
     probs, routed, token_counts, pair_counts = [], [], [], []
-    for logits, top_k_index in captured:
+    for logits, top_k_index, kept in captured:
         pair_counts.append(torch.bincount(top_k_index.reshape(-1), minlength=num_experts))
         p = torch.softmax(logits.float().reshape(batch, seq, num_experts), dim=-1)
         probs.append((p * valid).sum(dim=1) / counts)
         hits = torch.zeros(batch, seq, num_experts, dtype=torch.bool, device=p.device)
-        hits.scatter_(-1, top_k_index.reshape(batch, seq, -1), True)
+        hits.scatter_(-1, top_k_index.reshape(batch, seq, -1), kept.reshape(batch, seq, -1))
         hits &= attention_mask.bool().unsqueeze(-1)
         routed.append(hits.any(dim=1))
         token_counts.append(hits.sum(dim=(0, 1)))

@@ -92,14 +92,17 @@ class RoutedSwitchExperts(SwitchTransformersExperts):
         )
 
 
-def _read_topk_router(output) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_topk_router(output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     logits, _scores, top_k_index = output
-    return logits, top_k_index
+    return logits, top_k_index, torch.ones_like(top_k_index, dtype=torch.bool)
 
 
-def _read_switch_router(output) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_switch_router(output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     one_hot, _probs, logits = output
-    return logits, one_hot.argmax(dim=-1, keepdim=True)
+    # A token over an expert's capacity has an all-zero row: RoutedSwitchExperts computes
+    # it on expert 0 (argmax) with weight 0, and it is not routed anywhere.
+    kept = one_hot.sum(dim=-1, keepdim=True) > 0
+    return logits, one_hot.argmax(dim=-1, keepdim=True), kept
 
 
 def _fused_layers(model: nn.Module) -> list[MoELayer]:

@@ -87,9 +87,9 @@ class UpcycledFeedForward(nn.Module):
         return out.view_as(hidden)
 
 
-def _read_router(output) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_router(output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     logits, _weights, index = output
-    return logits, index
+    return logits, index, torch.ones_like(index, dtype=torch.bool)
 
 
 def upcycle_bert(
