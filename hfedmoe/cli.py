@@ -28,6 +28,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace) -> int:
     if args.resume is None and args.config is None:
         raise ConfigError("give a CONFIG file, or --resume RUN_DIR to continue a run")
+    if args.resume is not None and (args.config or args.set or args.run_dir):
+        raise ConfigError(
+            "--resume RUN_DIR continues with the config saved in RUN_DIR; drop CONFIG, "
+            "--set and --run-dir (start a new run to change them)"
+        )
     if args.in_process:
         return _run_in_process(args)
     from hfedmoe.actors.federation import run_federation

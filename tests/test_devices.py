@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from hfedmoe.platform.config import BudgetConfig, TierConfig
 from hfedmoe.platform.devices import (
@@ -328,21 +329,17 @@ def test_resource_fractions_are_rounded_powers_of_two():
     assert b.resource_fraction[np.argmax(b.flops_per_s)] == 1.0
 
 
-def test_unknown_names_raise_with_the_valid_names():
-    bad_device = tiers_cfg(TierConfig(name="odd", proportion=1.0, device="toaster"))
-    with pytest.raises(ValueError, match=r"tiers\[odd\].*toaster.*jetson_agx_xavier"):
-        draw_budgets(bad_device, 5, 0, 1.0)
-    bad_network = tiers_cfg(
+def test_unknown_names_and_duplicate_tiers_are_config_errors():
+    with pytest.raises(ValidationError, match=r"tiers\[odd\].device.*toaster.*jetson_agx_xavier"):
+        TierConfig(name="odd", proportion=1.0, device="toaster")
+    with pytest.raises(ValidationError, match=r"tiers\[odd\].network.*'5g'.*ethernet.*lte"):
         TierConfig(name="odd", proportion=1.0, device="raspberry_pi_5", network="5g")
-    )
-    with pytest.raises(ValueError, match=r"tiers\[odd\].*'5g'.*ethernet.*lte"):
-        draw_budgets(bad_network, 5, 0, 1.0)
-
-
-def test_duplicate_tier_names_and_empty_federation_raise():
     twice = TierConfig(name="same", proportion=0.5, device="rtx_3060")
-    with pytest.raises(ValueError, match="duplicate tier names"):
-        draw_budgets(tiers_cfg(twice, twice), 5, 0, 1.0)
+    with pytest.raises(ValidationError, match="tier names must be unique"):
+        tiers_cfg(twice, twice)
+
+
+def test_empty_federation_raises():
     with pytest.raises(ValueError, match="num_clients"):
         draw_budgets(THREE_TIERS, 0, 0, 1.0)
 

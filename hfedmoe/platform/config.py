@@ -193,11 +193,23 @@ class TierConfig(_Section):
 
     @model_validator(mode="after")
     def _memory_and_speed_given(self) -> TierConfig:
+        # devices.py imports this module; by validation time both are loaded.
+        from hfedmoe.platform.devices import EMBEDDED_DEVICES, EMBEDDED_NETWORKS
+
         if self.device is None and (self.memory_fraction is None or self.flops_per_s is None):
             raise ValueError(
                 f"budgets.tiers[{self.name}]: give either `device` or both `memory_fraction` "
                 "and `flops_per_s`"
             )
+        for field_name, value, known in (
+            ("device", self.device, EMBEDDED_DEVICES),
+            ("network", self.network, EMBEDDED_NETWORKS),
+        ):
+            if value is not None and value not in known:
+                raise ValueError(
+                    f"budgets.tiers[{self.name}].{field_name}: unknown {value!r}; "
+                    f"choose one of {', '.join(sorted(known))}"
+                )
         return self
 
 
@@ -219,6 +231,9 @@ class BudgetConfig(_Section):
 
     @model_validator(mode="after")
     def _distribution_complete(self) -> BudgetConfig:
+        names = [t.name for t in self.tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"budgets.tiers: tier names must be unique (got {names})")
         if self.distribution in ("tiers", "dirichlet"):
             if not self.tiers:
                 raise ValueError(
@@ -250,7 +265,12 @@ class RuntimeConfig(_Section):
     actor_memory_gb: float | None = Field(
         None, gt=0, description="memory reserved per client actor (default: from the model size)"
     )
-    client_timeout_s: float = Field(900.0, gt=0, description="a client task running longer is lost")
+    client_timeout_s: float = Field(
+        900.0, gt=0, description="one client's training running longer is lost (then retried)"
+    )
+    gpu_memory_margin: float = Field(
+        0.25, ge=0, description="on GPUs the enforced cap is the budget times 1 + this"
+    )
     retries: int = Field(1, ge=0, description="re-runs of a client whose actor died")
 
 
@@ -271,6 +291,10 @@ class FaultConfig(_Section):
     )
     corrupt: list[tuple[int, int]] = Field(
         default_factory=list, description="(round, client): the client's update turns into NaN"
+    )
+    hang: list[tuple[int, int]] = Field(
+        default_factory=list,
+        description="(round, client): the client stalls, first attempt, until its time limit",
     )
 
 
@@ -294,6 +318,18 @@ class ExperimentConfig(_Section):
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig()
     faults: FaultConfig = FaultConfig()
+
+    @model_validator(mode="after")
+    def _faults_in_range(self) -> ExperimentConfig:
+        fed = self.federation
+        for kind in ("crash", "corrupt", "hang"):
+            for round_index, client in getattr(self.faults, kind):
+                if not (0 <= round_index < fed.rounds and 0 <= client < fed.num_clients):
+                    raise ValueError(
+                        f"faults.{kind}: ({round_index}, {client}) names no round in "
+                        f"[0, {fed.rounds}) and client in [0, {fed.num_clients})"
+                    )
+        return self
 
 
 def _format_validation_error(err: ValidationError) -> str:
@@ -355,6 +391,9 @@ def check_paths(cfg: ExperimentConfig) -> None:
     ):
         if value and _looks_local(value):
             checks.append((field_name, value))
+    if cfg.budgets.distribution == "traces" and cfg.budgets.traces_dir:
+        for name in ("ai_benchmark_devices.json", "network_speed_profiles.json"):
+            checks.append(("budgets.traces_dir", str(Path(cfg.budgets.traces_dir) / name)))
     for field_name, value in checks:
         if not Path(value).expanduser().exists():
             raise ConfigError(

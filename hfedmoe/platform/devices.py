@@ -551,18 +551,9 @@ def resource_fractions(flops_per_s: np.ndarray) -> np.ndarray:
 def _tier_group(
     tier: TierConfig, full_step_bytes: float, memory_scale: float
 ) -> tuple[_Group, NetworkProfile]:
-    device = EMBEDDED_DEVICES.get(tier.device) if tier.device else None
-    if tier.device and device is None:
-        raise ValueError(
-            f"budgets.tiers[{tier.name}]: unknown device {tier.device!r}; "
-            f"valid devices: {', '.join(sorted(EMBEDDED_DEVICES))}"
-        )
+    # TierConfig's validator guarantees known device and network names.
+    device = EMBEDDED_DEVICES[tier.device] if tier.device else None
     network_name = tier.network or DEFAULT_NETWORK
-    if network_name not in EMBEDDED_NETWORKS:
-        raise ValueError(
-            f"budgets.tiers[{tier.name}]: unknown network {network_name!r}; "
-            f"valid networks: {', '.join(sorted(EMBEDDED_NETWORKS))}"
-        )
     if tier.memory_fraction is not None:
         if not full_step_bytes > 0:
             raise ValueError(
@@ -613,10 +604,6 @@ def _assemble(
 def _draw_tiered(
     cfg: BudgetConfig, num_clients: int, rng: np.random.Generator, full_step_bytes: float
 ) -> ClientBudgets:
-    names = [t.name for t in cfg.tiers]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"budgets.tiers: duplicate tier names {duplicates}")
     groups, networks = zip(
         *(_tier_group(t, full_step_bytes, cfg.memory_scale) for t in cfg.tiers), strict=True
     )
