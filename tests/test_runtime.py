@@ -93,6 +93,23 @@ def test_killed_client_actor_is_retried_on_another_and_replaced(ray_address, tmp
     assert record.failure == "lost"
 
 
+def test_stalled_client_is_timed_out_retried_and_its_actor_replaced(ray_address, tmp_path):
+    cfg = tiny(tmp_path, tracking={"enabled": False})
+    victim = _sampled(cfg, 0)[0]
+    stalling = tiny(
+        tmp_path,
+        tracking={"enabled": False},
+        faults={"hang": [[0, victim]]},
+        runtime={"client_timeout_s": 15},
+    )
+    result = run_federation(stalling, run_dir=tmp_path / "hang", progress=False)
+    # The stalled client's actor was killed at its time limit, the client (and the one
+    # queued behind it on that actor) rerun elsewhere: nothing lost, results unchanged.
+    assert result.history.rounds[0].wall_seconds > 15
+    expected_history, expected_state = run_simulation(cfg)
+    assert_same_run(expected_history, expected_state, result.history, result.state)
+
+
 def _sampled(cfg, round_index):
     from hfedmoe.platform.simulation import sample_clients
 
@@ -193,6 +210,9 @@ def test_cli_run_on_the_default_config_logs_a_complete_mlflow_run(ray_address, t
         ("federation.clients_per_round=50", "clients_per_round"),
         ("model.kind=gpt5", "model.kind"),
         ("federation.strategy=fedprox", "federation.strategy"),
+        ("budgets.tiers=[{name: a, proportion: 1.0, device: jetson_nano_typo}]",
+         "jetson_nano_typo"),
+        ("faults.crash=[[0, 99999]]", "faults.crash"),
     ],
 )  # fmt: skip
 def test_bad_configs_fail_before_anything_starts(tmp_path, capsys, override, message):

@@ -21,7 +21,7 @@ import ray
 import yaml
 from tqdm import tqdm
 
-from hfedmoe.actors.pools import ClientPools, Job, PoolPlan, plan_pools
+from hfedmoe.actors.pools import CONTROL_TIMEOUT_S, ClientPools, Job, PoolPlan, plan_pools
 from hfedmoe.actors.workers import AggregatorWorker, ClientWorker
 from hfedmoe.platform.checkpoint import (
     history_from_json,
@@ -48,7 +48,6 @@ from hfedmoe.tuning.tracking import RunTracker, summarise
 log = logging.getLogger(__name__)
 
 GiB = 2**30
-CONTROL_TIMEOUT_S = 600.0  # any driver <-> aggregator call; generous, never infinite
 STARTUP_TIMEOUT_S = 300.0  # client actors placed and models built
 
 
@@ -185,14 +184,16 @@ def run_federation(
                 )  # fmt: skip
                 clock = metrics.simulated_seconds
                 metrics.wall_seconds = time.perf_counter() - started
+                # Log before checkpointing: a crash in between logs a round twice on
+                # resume (harmless) instead of never.
+                if tracker is not None:
+                    tracker.log_round(metrics)
                 save_checkpoint(
                     run_dir,
                     round_index,
                     global_state,
                     {"clock": clock, "history": history_to_json(history), "mlflow_run_id": run_id},
                 )
-                if tracker is not None:
-                    tracker.log_round(metrics)
                 bar.update(1)
                 bar.set_postfix_str(_postfix(metrics))
                 if on_round is not None:

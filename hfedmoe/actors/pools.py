@@ -27,6 +27,8 @@ from hfedmoe.platform.config import ConfigError
 
 log = logging.getLogger(__name__)
 
+CONTROL_TIMEOUT_S = 600.0  # any call whose work is done or small; generous, never infinite
+
 
 class PlacementError(ConfigError):
     """The cluster cannot hold the actors a run needs."""
@@ -112,7 +114,8 @@ class ClientPools:
         self.pool: dict[float, list] = {
             p.fraction: [self._new_actor(p, next(slots)) for _ in range(p.actors)] for p in plans
         }
-        self._await_ready(startup_timeout_s)
+        self.startup_timeout_s = startup_timeout_s
+        self._await_ready(startup_timeout_s, list(self.slots))
 
     def _new_actor(self, plan: PoolPlan, slot: int):
         """Actors are numbered in plan order; a replacement takes its predecessor's slot."""
@@ -120,8 +123,7 @@ class ClientPools:
         self.slots[actor] = slot
         return actor
 
-    def _await_ready(self, timeout_s: float) -> None:
-        actors = list(self.slots)
+    def _await_ready(self, timeout_s: float, actors: list) -> None:
         try:
             ray.get([a.ready.remote() for a in actors], timeout=timeout_s)
         except GetTimeoutError:
@@ -141,16 +143,41 @@ class ClientPools:
 
         Each actor holds up to ``depth`` jobs, so the next starts the moment one ends
         (Ray runs an actor's calls in order) instead of after a round trip to this
-        driver. An actor that dies takes its jobs with it: each is retried on another
-        actor of its shape (``retries`` times), then reported lost; the dead actor is
-        replaced. A job running past ``timeout_s`` from the moment it reached the head of
-        its actor's queue is lost, its actor killed and replaced, the jobs queued behind
-        it resubmitted.
+        driver. A job whose actor dies, or which runs past ``timeout_s`` per client from
+        the moment it reached the head of its actor's queue, is retried on another actor
+        of its shape (``retries`` times), then reported lost; the actor is killed and
+        replaced, and jobs queued behind it, which never started, are resubmitted. An
+        exception raised by the client code itself is a bug, not a fault: it ends the run.
         """
         queues = {f: deque(j for j in jobs if j.fraction == f) for f in self.pool}
         queued: dict[Any, deque] = {a: deque() for pool in self.pool.values() for a in pool}
         running: dict[ray.ObjectRef, tuple[Job, Any, ray.ObjectRef]] = {}
-        head_since: dict[ray.ObjectRef, float] = {}
+        deadlines: dict[ray.ObjectRef, float] = {}  # for the job at the head of each queue
+
+        def promote(actor) -> None:
+            if queued[actor]:
+                head = queued[actor][0]
+                deadlines.setdefault(
+                    head, time.monotonic() + timeout_s * len(running[head][0].clients)
+                )
+
+        def fail(actor) -> Iterator[Outcome]:
+            """The actor is gone: its head job used an attempt, the rest never started."""
+            line = list(queued.pop(actor))
+            for index, ref in enumerate(line):
+                job = running.pop(ref)[0]
+                deadlines.pop(ref, None)
+                if index > 0:
+                    queues[job.fraction].appendleft(job)
+                elif job.attempt < retries:
+                    log.warning("clients %s: actor lost, retrying", job.clients)
+                    queues[job.fraction].appendleft(
+                        dataclasses.replace(job, attempt=job.attempt + 1)
+                    )
+                else:
+                    yield Outcome(job, failure="lost")
+            queued[self._bury(actor)] = deque()
+
         while running or any(queues.values()):
             for fraction, queue in queues.items():
                 while queue:
@@ -161,62 +188,36 @@ class ClientPools:
                     stats_ref, update_ref = submit(actor, job)
                     running[stats_ref] = (job, actor, update_ref)
                     queued[actor].append(stats_ref)
-                    if len(queued[actor]) == 1:
-                        head_since[stats_ref] = time.monotonic()
-            deadline = min((since + timeout_s for since in head_since.values()), default=np.inf)
-            wait_s = deadline - time.monotonic()
+                    promote(actor)
+            wait_s = min(deadlines.values(), default=np.inf) - time.monotonic()
             done, _ = ray.wait(list(running), num_returns=1, timeout=min(max(wait_s, 0), 5.0))
             for ref in done:
                 job, actor, update_ref = running[ref]
                 try:
-                    stats = ray.get(ref, timeout=timeout_s)
+                    stats = ray.get(ref, timeout=CONTROL_TIMEOUT_S)
                 except RayActorError:
-                    # The job at the head of the dead actor's queue was running: it used an
-                    # attempt. Jobs behind it never started and go back to the queue.
-                    line = [ref] if actor not in queued else list(queued[actor])
-                    for index, lost_ref in enumerate(line):
-                        lost_job = running.pop(lost_ref)[0]
-                        head_since.pop(lost_ref, None)
-                        if index > 0:
-                            queues[lost_job.fraction].appendleft(lost_job)
-                        elif lost_job.attempt < retries:
-                            log.warning("clients %s: actor died, retrying", lost_job.clients)
-                            retry = dataclasses.replace(lost_job, attempt=lost_job.attempt + 1)
-                            queues[lost_job.fraction].appendleft(retry)
-                        else:
-                            yield Outcome(lost_job, failure="lost")
-                    self._bury(actor, queued)
+                    yield from fail(actor)
                     continue
                 running.pop(ref)
-                self._dequeue(queued, head_since, actor, ref)
+                queued[actor].remove(ref)
+                deadlines.pop(ref, None)
+                promote(actor)
                 yield Outcome(job, stats=stats, update_ref=update_ref)
             now = time.monotonic()
-            for ref in [r for r, since in head_since.items() if now - since > timeout_s]:
-                job, actor, _ = running.pop(ref)
-                log.warning("clients %s: no result after %.0f s, lost", job.clients, timeout_s)
-                for behind in list(queued[actor])[1:]:  # never started: run them elsewhere
-                    queues[job.fraction].appendleft(running.pop(behind)[0])
-                head_since.pop(ref)
-                self._bury(actor, queued)
-                yield Outcome(job, failure="lost")
+            for ref in [r for r, deadline in deadlines.items() if deadline < now]:
+                actor = running[ref][1]
+                log.warning("clients %s: past their time limit", running[ref][0].clients)
+                yield from fail(actor)
 
-    @staticmethod
-    def _dequeue(queued, head_since, actor, ref) -> None:
-        queued[actor].remove(ref)
-        head_since.pop(ref, None)
-        if queued[actor]:
-            head_since.setdefault(queued[actor][0], time.monotonic())
-
-    def _bury(self, dead, queued: dict[Any, deque]) -> None:
-        """Kill and replace an actor (once, however many of its jobs report its death)."""
-        if dead not in self.slots:
-            return
+    def _bury(self, dead) -> Any:
+        """Kill an actor and return its replacement, running (a model built) and in its slot."""
         ray.kill(dead, no_restart=True)
         fraction = next(f for f, pool in self.pool.items() if dead in pool)
         replacement = self._new_actor(self.plans[fraction], self.slots.pop(dead))
         self.pool[fraction] = [replacement if a is dead else a for a in self.pool[fraction]]
-        queued.pop(dead, None)
-        queued[replacement] = deque()
+        # Wait here, so its start-up never counts against a job's time limit.
+        self._await_ready(self.startup_timeout_s, [replacement])
+        return replacement
 
     def shutdown(self) -> None:
         """Kill exactly the actors this pool created (never anything else of the user's)."""

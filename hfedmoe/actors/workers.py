@@ -7,6 +7,7 @@ and the driver wrap them with ``ray.remote`` and the resources of their role.
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import torch
@@ -57,6 +58,8 @@ class ClientWorker:
         for client_id, indices, budget in jobs:
             if attempt == 0 and (round_index, client_id) in self.cfg.faults.crash:
                 os._exit(1)  # injected fault: the process dies mid-task, as a real crash would
+            if attempt == 0 and (round_index, client_id) in self.cfg.faults.hang:
+                time.sleep(10**6)  # injected fault: stalls until the driver's time limit
             self.trainer.adapter.load_state(state)
             update = self.trainer.train(client_id, indices, budget, round_index, bytes_down)
             update = inject_faults(update, self.cfg, round_index)

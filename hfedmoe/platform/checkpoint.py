@@ -77,11 +77,15 @@ def save_checkpoint(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     save_file(state_to_flat(state), str(staging / "state.safetensors"))
+    _fsync(staging / "state.safetensors")
     _write_json(staging / "progress.json", {"round": round_index, **progress})
+    _fsync(staging)
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
+    _fsync(root)
     _write_text_atomic(root / "LATEST", name)
+    _fsync(root)
     for old in sorted(p for p in root.glob("round-*") if p.is_dir())[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -97,6 +101,15 @@ def load_checkpoint(run_dir: Path) -> tuple[ModelState, dict[str, Any]] | None:
     state = state_from_flat(load_file(str(directory / "state.safetensors")))
     progress = json.loads((directory / "progress.json").read_text())
     return state, progress
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or directory's contents to disk (renames need the directory's)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
