@@ -61,6 +61,23 @@ def test_a_bad_search_value_fails_before_any_trial(tmp_path):
         load_sweep(two_kinds)
 
 
+@pytest.mark.parametrize("name", ["sweep_smoke.yaml", "sweep_large.yaml"])
+def test_shipped_sweeps_load_and_every_probe_is_valid(name, monkeypatch):
+    monkeypatch.chdir(REPO)  # their data paths are relative to the checkout
+    sweep, _base = load_sweep(REPO / "configs" / name)
+    assert sweep.search
+
+
+def test_asha_needs_accuracy_every_round_of_one_round_count(tmp_path):
+    asha = {"grace_period": 1, "reduction_factor": 2}
+    searched = write_sweep(tmp_path, asha=asha, search={"federation.rounds": {"grid": [2, 3]}})
+    with pytest.raises(ConfigError, match=r"do not search \['federation.rounds'\]"):
+        load_sweep(searched)
+    sparse = write_sweep(tmp_path, asha=asha, overrides={"federation.eval_every": 2})
+    with pytest.raises(ConfigError, match=r"set federation\.eval_every: 1"):
+        load_sweep(sparse)
+
+
 def test_named_budget_distributions_are_searched_by_name(tmp_path):
     tiers = yaml.safe_load(TINY.read_text())["budgets"]["tiers"]
     named = {
@@ -96,7 +113,7 @@ def test_trials_at_once_follow_the_cluster(tmp_path):
     assert trial_share(sweep, base_cfg, cluster_units=2.0) == (2.0, 1)
     per_trial, concurrent = trial_share(sweep, base_cfg, cluster_units=16.0)
     assert concurrent == 7 and per_trial == pytest.approx(2.26)
-    fixed = sweep.model_copy(update={"trial_cpus": 3.0})
+    fixed = sweep.model_copy(update={"trial_units": 3.0})
     with pytest.raises(ConfigError, match="no trial could ever start"):
         trial_share(fixed, base_cfg, cluster_units=2.0)
 

@@ -110,14 +110,29 @@ class SweepConfig(BaseModel):
     num_samples: int = Field(1, ge=1, description="samples of the random dimensions (x grid)")
     asha: AshaConfig | None = Field(None, description="early stopping on per-round accuracy")
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: from cluster")
-    trial_cpus: float | None = Field(
-        None, gt=0, description="CPUs reserved per trial (default: one per resource shape)"
+    trial_units: float | None = Field(
+        None,
+        gt=0,
+        description="CPUs (GPUs when runtime.device is cuda) reserved per trial; default: "
+        "one per resource shape plus the trial's driver and aggregator",
     )
     max_failures: int = Field(1, ge=0, description="retries of a failed trial")
     storage_path: str = Field("runs/sweeps", description="Tune's storage (made absolute)")
     tracking_uri: str | None = Field(None, description="MLflow store (default: sqlite in it)")
     experiment: str | None = Field(None, description="MLflow experiment (default: name)")
     target_accuracy: float | None = Field(None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _asha_sees_real_accuracy(self) -> SweepConfig:
+        if self.asha is None:
+            return self
+        fixed = {"federation.rounds", "federation.eval_every"} & set(self.search)
+        if fixed:
+            raise ValueError(
+                f"asha: do not search {sorted(fixed)}; ASHA's rungs need one round count "
+                "and accuracy measured every round"
+            )
+        return self
 
 
 def _label(value: Any) -> str:
@@ -145,7 +160,13 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, dict[str, Any]]:
     base = yaml.safe_load(base_path.read_text()) or {}
     for key, value in sweep.overrides.items():
         set_dotted(base, key, value)
-    check_paths(parse_config(base))
+    base_cfg = parse_config(base)
+    check_paths(base_cfg)
+    if sweep.asha is not None and base_cfg.federation.eval_every != 1:
+        raise ConfigError(
+            f"sweep.asha: the base config evaluates every {base_cfg.federation.eval_every} "
+            "rounds; ASHA compares per-round accuracy, so set federation.eval_every: 1"
+        )
     for key, spec in sweep.search.items():
         for value in spec.probes():
             try:
@@ -255,14 +276,14 @@ def trial_share(
     """
     fractions = draw_budgets(base.budgets, base.federation.num_clients, base.seed, 1.0)
     shapes = len(set(fractions.resource_fraction.tolist()))
-    if sweep.trial_cpus is not None and sweep.trial_cpus > cluster_units:
+    if sweep.trial_units is not None and sweep.trial_units > cluster_units:
         raise ConfigError(
-            f"sweep.trial_cpus ({sweep.trial_cpus:g}) is more than the cluster has "
+            f"sweep.trial_units ({sweep.trial_units:g}) is more than the cluster has "
             f"({cluster_units:g}): no trial could ever start"
         )
-    want = sweep.trial_cpus or min(cluster_units, shapes + DRIVER_CPUS + AGGREGATOR_CPUS)
+    want = sweep.trial_units or min(cluster_units, shapes + DRIVER_CPUS + AGGREGATOR_CPUS)
     concurrent = sweep.max_concurrent_trials or max(1, math.floor(cluster_units / want))
-    if sweep.trial_cpus is None and concurrent == 1:
+    if sweep.trial_units is None and concurrent == 1:
         want = cluster_units  # one trial at a time: give it everything
     return want, concurrent
 
@@ -377,7 +398,7 @@ def _trial(
     from ray import tune
 
     from hfedmoe.actors.federation import run_federation
-    from hfedmoe.platform.checkpoint import load_checkpoint
+    from hfedmoe.platform.checkpoint import history_from_json, load_checkpoint
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(sweep, base, params)
@@ -391,15 +412,18 @@ def _trial(
         }
     )
     run_dir = Path(sweep_dir) / "trials" / trial_id
-    # A retried trial continues from its last completed round.
-    resume = run_dir if load_checkpoint(run_dir) is not None else None
-    device, capacity = client_share(cfg, per_trial)
+    # A retried trial continues from its last completed round, with its earlier rounds.
+    checkpoint = load_checkpoint(run_dir)
+    resume = run_dir if checkpoint is not None else None
     seen: list[RoundMetrics] = []
+    if checkpoint is not None:
+        seen = history_from_json(checkpoint[1]["history"]).rounds
+    device, capacity = client_share(cfg, per_trial)
     target = sweep.target_accuracy or cfg.federation.target_accuracy
     started, startup = time.perf_counter(), []
 
     def report(metrics: RoundMetrics, _state) -> None:
-        if not startup:  # data, model, actors: everything before the first round began
+        if not startup:  # data, model, actors: everything before this attempt's first round
             startup.append(time.perf_counter() - started - metrics.wall_seconds)
         seen.append(metrics)
         tune.report({**_progress(seen, target, trial_id), "startup_seconds": startup[0]})
