@@ -8,7 +8,8 @@ reference runner (bit-identical to the Ray runner; no actor overhead in CPU hour
 Every run is saved as it finishes, so an interrupted benchmark resumes where it stopped.
 
     python bench/b4_paper_claims.py [--data ../shared/data/ag_news] \
-        [--traces ../shared/data/device_traces] [--seeds 0 1 2] [--quick]
+        [--traces ../shared/data/device_traces] [--seeds 0 1 2] [--memory-scale 0.25] \
+        [--strategies ...] [--out bench/results/b4] [--quick]
 """
 
 from __future__ import annotations
@@ -39,19 +40,20 @@ STRATEGIES = [
 TARGET = 0.8
 
 
-def config(strategy: str, seed: int, data: Path, traces: Path, quick: bool) -> dict:
-    """The experiment; memory_scale 0.25 maps phone RAM onto this model's needs.
+def config(strategy: str, seed: int, args: argparse.Namespace) -> dict:
+    """The experiment; memory_scale 0.25 (the default) maps phone RAM onto this model's needs.
 
     The full fine-tuning step of the upcycled MiniLM (48 experts, AdamW, batch 8 x 64)
     needs ~1.18 GB and its shared part alone ~0.50 GB: with RAM x 0.25 a 4 GB phone can
     train about 35 experts, a 6 GB phone everything, a 1-2 GB phone nothing.
     """
+    quick = args.quick
     return {
         "name": f"b4-{strategy}-s{seed}",
         "seed": seed,
         "data": {
             "source": "ag_news",
-            "path": str(data),
+            "path": str(args.data),
             "max_length": 64,
             "max_test_samples": 120 if quick else 760,
             "partition": {"kind": "dirichlet", "alpha": 0.5, "min_size": 8},
@@ -74,7 +76,11 @@ def config(strategy: str, seed: int, data: Path, traces: Path, quick: bool) -> d
             "target_accuracy": TARGET,
         },
         "hfedmoe": {"tau": 0.1, "beta": 0.1, "importance_mix": 0.5},
-        "budgets": {"distribution": "traces", "traces_dir": str(traces), "memory_scale": 0.25},
+        "budgets": {
+            "distribution": "traces",
+            "traces_dir": str(args.traces),
+            "memory_scale": args.memory_scale,
+        },
         "tracking": {"enabled": False},
     }
 
@@ -83,7 +89,7 @@ def run_one(strategy: str, seed: int, args, out: Path) -> dict:
     path = out / f"{strategy}-s{seed}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    cfg = parse_config(config(strategy, seed, args.data, args.traces, args.quick))
+    cfg = parse_config(config(strategy, seed, args))
     started = time.perf_counter()
     history, _ = run_simulation(cfg)
     record = {
@@ -161,6 +167,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--strategies", nargs="+", default=STRATEGIES)
     parser.add_argument("--quick", action="store_true", help="tiny settings, for smoke tests")
+    parser.add_argument(
+        "--memory-scale", type=float, default=0.25, help="device RAM x this = the memory budget"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/b4"))
     args = parser.parse_args()
     args.data, args.traces = args.data.resolve(), args.traces.resolve()
