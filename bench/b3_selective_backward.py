@@ -6,7 +6,7 @@ modes, it times the training step (forward + backward, and separately the optimi
 and counts its FLOPs with torch.utils.flop_counter in a separate pass. The target: each
 time ratio t(k)/t(16) within 1.15x of the FLOP ratio F(k)/F(16).
 
-    python bench/b3_selective_backward.py [--quick] [--repeats 7] [--out bench/results/b3.json]
+    python bench/b3_selective_backward.py [--quick] [--repeats 21] [--out bench/results/b3.json]
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def counted_flops(adapter, batch, keep: int, stop_gradient: bool) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a small model, for smoke tests")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--out", type=Path, default=Path("bench/results/b3.json"))
     args = parser.parse_args()
     model = dict(MODEL)
