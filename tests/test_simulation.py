@@ -117,6 +117,11 @@ def test_budget_unaware_fedavg_loses_clients_to_oom_and_hfedmoe_does_not():
     for c in ours.clients:
         assert c.experts_per_step_max <= c.capacity
         assert c.capacity == 3 if c.tier == "weak" else c.capacity == 8
+    # The modelled step memory decides: training everything needs more than training C.
+    weak_full = [c.memory_bytes for c in full.clients if c.tier == "weak"]
+    weak_ours = [c.memory_bytes for c in ours.clients if c.tier == "weak"]
+    assert weak_ours and min(weak_full) > max(weak_ours) > 0
+    assert all(c.measured_peak_bytes is None for c in full.clients)  # measured on GPUs only
 
 
 def test_same_seed_gives_identical_metrics_and_weights():

@@ -162,8 +162,8 @@ class RoundAggregator:
                 continue
             self.report.uploads[layer, index] += 1
             if self.expert_rule == "sparsity_aware":
-                index = index[client_set[layer, index]]
-                rows = np.flatnonzero(client_set[layer, uploaded["index"]])
+                rows = np.flatnonzero(client_set[layer, index])
+                index = index[rows]
             else:
                 rows = np.arange(index.size)
             for name in self.expert_sum[layer]:

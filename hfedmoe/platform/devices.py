@@ -359,10 +359,6 @@ class ModelFootprint:
                 f"num_moe_layers ({self.num_moe_layers})"
             )
 
-    @property
-    def experts_per_layer(self) -> int:
-        return self.num_experts_total // self.num_moe_layers
-
 
 def step_memory_bytes(
     fp: ModelFootprint, trained_experts: int, batch_size: int, zero_stage: int = 0

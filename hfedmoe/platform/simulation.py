@@ -131,6 +131,8 @@ class ClientRecord:
     loss: float
     seconds: float
     failure: str | None
+    memory_bytes: float = 0.0  # modelled peak of a step
+    measured_peak_bytes: float | None = None  # on GPU: the allocator's peak under the cap
 
 
 @dataclass
@@ -218,6 +220,8 @@ class RoundBook:
                     loss=u.loss,
                     seconds=u.seconds,
                     failure=u.failure,
+                    memory_bytes=u.memory_bytes,
+                    measured_peak_bytes=u.measured_peak_bytes,
                 )
             )
         if self.usage_sum is not None:

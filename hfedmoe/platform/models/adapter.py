@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,6 +24,12 @@ from hfedmoe.platform.models.experts import BackwardPlan
 # experts compute [..., k], whether each slot really routes its token [..., k]; False where
 # a capacity-limited router drops a token, which the experts then compute with weight 0).
 RouterReader = Callable[[object], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def read_topk_router(output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A (logits, weights, top-k ids) router, which routes every token it computes."""
+    logits, _weights, top_k_index = output
+    return logits, top_k_index, torch.ones_like(top_k_index, dtype=torch.bool)
 
 
 class FusedExperts:
@@ -120,7 +126,6 @@ class MoELayer:
     router: nn.Module
     read_router: RouterReader
     experts: FusedExperts | ModuleExperts
-    router_param_names: list[str] = field(default_factory=list)
 
     @property
     def num_experts(self) -> int:
@@ -180,9 +185,10 @@ class TrainableTensors:
         """Keyed leaves trained this step; active: [L, E] bool, None for every expert."""
         chosen = {f"shared/{k}": t for k, t in self.shared.items()}
         chosen.update({f"gate/{k}": t for k, t in self.gates.items()})
+        mask = None if active is None else active.tolist()  # one conversion, not L x E
         for layer, experts in enumerate(self.experts):
             for expert, tensors in enumerate(experts):
-                if active is None or active[layer, expert]:
+                if mask is None or mask[layer][expert]:
                     chosen.update({f"expert/{layer}/{expert}/{n}": t for n, t in tensors.items()})
         return chosen
 
@@ -242,9 +248,6 @@ class MoEAdapter:
     def num_experts(self) -> int:
         """Experts per MoE layer (equal across layers for every supported family)."""
         return self.layers[0].num_experts
-
-    def expert_names(self, layer: int) -> list[str]:
-        return list(self.layers[layer].experts.names)
 
     # ---- forward and routing ---------------------------------------------------------
     def _router_hook(self, layer: MoELayer):
@@ -401,6 +404,7 @@ def reduce_routing(
     """
     batch, seq = attention_mask.shape
     valid = attention_mask.to(torch.float32).unsqueeze(-1)  # [B, S, 1]
+    real = attention_mask.bool().unsqueeze(-1)
     counts = valid.sum(dim=1).clamp_min(1.0)  # [B, 1]
     probs, routed, token_counts, pair_counts = [], [], [], []
     for logits, top_k_index, kept in captured:
@@ -409,7 +413,7 @@ def reduce_routing(
         probs.append((p * valid).sum(dim=1) / counts)
         hits = torch.zeros(batch, seq, num_experts, dtype=torch.bool, device=p.device)
         hits.scatter_(-1, top_k_index.reshape(batch, seq, -1), kept.reshape(batch, seq, -1))
-        hits &= attention_mask.bool().unsqueeze(-1)
+        hits &= real
         routed.append(hits.any(dim=1))
         token_counts.append(hits.sum(dim=(0, 1)))
     # Selection and bookkeeping are small host-side work: keep the statistics on the CPU.

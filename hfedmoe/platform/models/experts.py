@@ -32,17 +32,17 @@ class BackwardPlan:
 
     def __init__(self, num_layers: int, stop_gradient: bool) -> None:
         self.stop_gradient = stop_gradient
-        self.active: list[torch.Tensor | None] = [None] * num_layers
+        self.active: list[list[bool] | None] = [None] * num_layers
 
     def set_active(self, layer: int, mask: torch.Tensor) -> None:
-        self.active[layer] = mask
+        self.active[layer] = mask.tolist()  # read per expert in backward: plain bools
 
     def clear(self) -> None:
         self.active = [None] * len(self.active)
 
     def blocks(self, layer: int, expert: int) -> bool:
         mask = self.active[layer]
-        return mask is not None and not bool(mask[expert])
+        return mask is not None and not mask[expert]
 
 
 class GradGate(torch.autograd.Function):

@@ -33,7 +33,13 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
     SwitchTransformersSparseMLP,
 )
 
-from hfedmoe.platform.models.adapter import FusedExperts, ModuleExperts, MoEAdapter, MoELayer
+from hfedmoe.platform.models.adapter import (
+    FusedExperts,
+    ModuleExperts,
+    MoEAdapter,
+    MoELayer,
+    read_topk_router,
+)
 from hfedmoe.platform.models.experts import routed_experts
 from hfedmoe.platform.models.heads import PooledClassifier, SequenceClassifier
 
@@ -92,11 +98,6 @@ class RoutedSwitchExperts(SwitchTransformersExperts):
         )
 
 
-def _read_topk_router(output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    logits, _scores, top_k_index = output
-    return logits, top_k_index, torch.ones_like(top_k_index, dtype=torch.bool)
-
-
 def _read_switch_router(output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     one_hot, _probs, logits = output
     # A token over an expert's capacity has an all-zero row: RoutedSwitchExperts computes
@@ -122,7 +123,7 @@ def _fused_layers(model: nn.Module) -> list[MoELayer]:
                 name=name,
                 top_k=router.top_k,
                 router=router,
-                read_router=_read_topk_router,
+                read_router=read_topk_router,
                 experts=FusedExperts(experts, ["gate_up_proj", "down_proj"]),
             )
         )

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from hfedmoe.platform.models.adapter import FusedExperts, MoEAdapter, MoELayer
+from hfedmoe.platform.models.adapter import FusedExperts, MoEAdapter, MoELayer, read_topk_router
 from hfedmoe.platform.models.experts import routed_experts
 from hfedmoe.platform.models.heads import PooledClassifier
 
@@ -87,11 +87,6 @@ class UpcycledFeedForward(nn.Module):
         return out.view_as(hidden)
 
 
-def _read_router(output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    logits, _weights, index = output
-    return logits, index, torch.ones_like(index, dtype=torch.bool)
-
-
 def upcycle_bert(
     backbone: nn.Module, num_experts: int, top_k: int, router_init_std: float
 ) -> list[MoELayer]:
@@ -115,7 +110,7 @@ def upcycle_bert(
                 name=f"backbone.encoder.layer.{i}.intermediate",
                 top_k=top_k,
                 router=moe.router,
-                read_router=_read_router,
+                read_router=read_topk_router,
                 experts=FusedExperts(moe, ["w_in", "b_in", "w_out", "b_out"]),
             )
         )
