@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from hfedmoe.actors.federation import run_federation
 from hfedmoe.actors.pools import PlacementError, plan_pools
 from hfedmoe.cli import main
+from hfedmoe.platform.checkpoint import history_from_json, load_checkpoint
 from hfedmoe.platform.config import parse_config
 from hfedmoe.platform.simulation import run_simulation
 from hfedmoe.tuning.tracking import default_tracking_uri
@@ -60,6 +62,23 @@ def test_pool_plan_mirrors_budget_shapes():
     assert sum(p.actors for p in capped) == 5 and all(p.actors >= 1 for p in capped)
     with pytest.raises(PlacementError, match="cluster offers 1"):
         plan_pools(np.array([0.5, 1.0]), capacity=1.0, max_actors=10)
+
+
+def test_every_ray_get_and_wait_has_a_timeout():
+    # A task that never finishes (an actor that fits no bundle) must not hang the driver.
+    calls = []
+    for path in (REPO / "hfedmoe").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "ray"
+                and node.func.attr in ("get", "wait")
+            ):
+                calls.append((path.name, node.lineno, {k.arg for k in node.keywords}))
+    assert calls, "no ray.get/ray.wait found: the scan is broken"
+    assert [c for c in calls if "timeout" not in c[2]] == []
 
 
 def test_ray_runner_equals_in_process_runner(ray_address, tmp_path):
@@ -156,8 +175,12 @@ def test_killed_driver_resumes_to_the_uninterrupted_result(ray_address, tmp_path
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and nothing else: its own session
     driver.wait(timeout=30)
     assert latest.read_text().strip() in ("round-00000", "round-00001")
+    done = history_from_json(load_checkpoint(run_dir)[1]["history"]).rounds
 
     resumed = run_federation(resume=run_dir, progress=False)
+    # The checkpointed rounds come back as they were (a rerun would re-measure their time).
+    kept = resumed.history.rounds[: len(done)]
+    assert [r.wall_seconds for r in kept] == [r.wall_seconds for r in done]
     uninterrupted = run_federation(cfg, run_dir=tmp_path / "whole", progress=False)
     assert_same_run(uninterrupted.history, uninterrupted.state, resumed.history, resumed.state)
 

@@ -173,13 +173,16 @@ def run_federation(
         cleanup.callback(ray.kill, aggregator, no_restart=True)
 
         bytes_down = global_state.num_bytes()
+        # The global weights enter the object store once: here, then as the aggregator's
+        # result each round (the driver reads that zero-copy and never puts it back).
+        state_ref = ray.put(global_state)
         bar = tqdm(total=cfg.federation.rounds, initial=start, disable=not progress, unit="round")
         cleanup.callback(bar.close)
         try:
             for round_index in range(start, cfg.federation.rounds):
                 started = time.perf_counter()
-                global_state, metrics = _run_round(
-                    cfg, fed, adapter, pools, aggregator, global_state, round_index, bytes_down,
+                state_ref, global_state, metrics = _run_round(
+                    cfg, fed, adapter, pools, aggregator, state_ref, round_index, bytes_down,
                     clock, history,
                 )  # fmt: skip
                 clock = metrics.simulated_seconds
@@ -258,14 +261,14 @@ def _run_round(
     adapter,
     pools: ClientPools,
     aggregator,
-    global_state: ModelState,
+    state_ref: ray.ObjectRef,
     round_index: int,
     bytes_down: int,
     clock: float,
     history: History,
-) -> tuple[ModelState, RoundMetrics]:
+) -> tuple[ray.ObjectRef, ModelState, RoundMetrics]:
+    """One round from the global state in ``state_ref``: (new state's ref, new state, metrics)."""
     fn = cfg.federation
-    state_ref = ray.put(global_state)  # once per round, shared by every client
     ray.get(aggregator.begin.remote(state_ref), timeout=CONTROL_TIMEOUT_S)
     sampled = sample_clients(fn.num_clients, fn.clients_per_round, cfg.seed, round_index)
     order = aggregation_order(sampled, fed.budgets.resource_fraction)
@@ -299,12 +302,13 @@ def _run_round(
         for stats, reason in zip(outcome.stats, reasons[job.position], strict=True):
             stats.failure = reason
             book.record(stats)
-    new_state, report = ray.get(aggregator.finalize.remote(), timeout=CONTROL_TIMEOUT_S)
+    new_state_ref, report_ref = aggregator.finalize.options(num_returns=2).remote()
+    new_state, report = ray.get([new_state_ref, report_ref], timeout=CONTROL_TIMEOUT_S)
     accuracy = test_loss = None
     if should_evaluate(cfg, round_index):
         adapter.load_state(new_state)
         accuracy, test_loss = evaluate(adapter, fed.test, fn.eval_batch_size)
-    return new_state, book.close(report, accuracy, test_loss, clock, history)
+    return new_state_ref, new_state, book.close(report, accuracy, test_loss, clock, history)
 
 
 CHUNKS_PER_ACTOR = 4  # enough chunks that actors finish a round close together

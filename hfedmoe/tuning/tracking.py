@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from hfedmoe.platform.config import ExperimentConfig
@@ -70,14 +70,13 @@ class RunTracker:
         run_dir: Path,
         run_id: str | None = None,
         parent_run_id: str | None = None,
-        tags: dict[str, str] | None = None,
     ) -> None:
         self.uri = cfg.tracking.uri or default_tracking_uri(run_dir)
         self.client = MlflowClient(tracking_uri=self.uri)
         if run_id is not None:  # resuming: keep logging into the same run
             self.run_id = run_id
             return
-        all_tags = {"hfedmoe.strategy": cfg.federation.strategy, **(tags or {})}
+        all_tags = {"hfedmoe.strategy": cfg.federation.strategy}
         if parent_run_id is not None:
             all_tags[PARENT_TAG] = parent_run_id
         experiment = experiment_id(self.client, cfg.tracking.experiment, self.uri)
@@ -102,9 +101,6 @@ class RunTracker:
         stamp = int(time.time() * 1000)
         values = [Metric(k, float(v), stamp, 0) for k, v in summary.items() if v is not None]
         self.client.log_batch(self.run_id, metrics=values)
-
-    def log_tags(self, tags: dict[str, str]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def log_artifacts(
         self, cfg: ExperimentConfig, history: History, run_dir: Path, extra: dict[str, Any]

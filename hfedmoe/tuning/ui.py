@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -46,19 +47,23 @@ def start_server(
     command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     if artifacts is not None:
         command += ["--artifacts-destination", str(artifacts)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            err = process.stderr.read().decode(errors="replace")[-2000:]
-            raise RuntimeError(f"mlflow server exited with {process.returncode}:\n{err}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return process, url
-        except OSError:
-            time.sleep(0.3)
+    # A file, not a pipe: nobody reads the server's log once it runs, and a full pipe
+    # would block it on its next write. The server keeps its own handle.
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                log.seek(0)
+                err = log.read().decode(errors="replace")[-2000:]
+                raise RuntimeError(f"mlflow server exited with {process.returncode}:\n{err}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return process, url
+            except OSError:
+                time.sleep(0.3)
     process.kill()
     raise RuntimeError(f"mlflow server did not answer on {url} within {timeout_s:.0f} s")
 
