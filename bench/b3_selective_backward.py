@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from hfedmoe.platform.client import ExpertAdamW
 from hfedmoe.platform.config import ModelConfig
-from hfedmoe.platform.local import ExpertAdamW
 from hfedmoe.platform.models import build_adapter
 
 MODEL = dict(

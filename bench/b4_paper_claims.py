@@ -25,8 +25,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from hfedmoe.platform.config import parse_config
-from hfedmoe.platform.simulation import run_simulation
-from hfedmoe.tuning.tracking import summarise
+from hfedmoe.platform.executors import run_in_process
+from hfedmoe.tracking.mlflow_run import summarise
 
 STRATEGIES = [
     "hfedmoe",
@@ -91,7 +91,7 @@ def run_one(strategy: str, seed: int, args, out: Path) -> dict:
         return json.loads(path.read_text())
     cfg = parse_config(config(strategy, seed, args))
     started = time.perf_counter()
-    history, _ = run_simulation(cfg)
+    history = run_in_process(cfg).history
     record = {
         "strategy": strategy,
         "seed": seed,

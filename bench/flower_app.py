@@ -1,7 +1,7 @@
 """Flower apps that simulate exactly an hfedmoe client's round, for B1.
 
 The ClientApp calls the same code an hfedmoe client actor runs
-(``hfedmoe.actors.workers.ClientWorker.train``): load the global weights into a
+(``hfedmoe.platform.client.train_client``): load the global weights into a
 process-cached adapter, ``LocalTrainer.train`` on the client's shard and budget, return
 the trained tensors and the measured ``wall_seconds``. Each Flower worker process builds
 the federation (data, shards, budgets, model) once, from the same config and seed, so
@@ -32,10 +32,10 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from hfedmoe.platform.client import LocalTrainer
 from hfedmoe.platform.config import ExperimentConfig, parse_config
-from hfedmoe.platform.federation import Federation, build_federation
-from hfedmoe.platform.local import LocalTrainer, make_trainer
-from hfedmoe.platform.models import ModelState
+from hfedmoe.platform.federation import Federation, build_federation, make_trainer
+from hfedmoe.platform.records import ModelState
 
 SPEC_ENV = "BENCH_SPEC"  # path of the Spec file; Ray workers inherit the driver's env
 
@@ -98,23 +98,23 @@ client_app = ClientApp()
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One hfedmoe client round: the body of ClientWorker.train, inside Flower."""
+    """One hfedmoe client round: the body of train_client, inside Flower."""
     worker = _worker()
     client = int(context.node_config["partition-id"])
     round_index = int(msg.content["config"]["server-round"]) - 1
     state = from_record(msg.content["arrays"])
     worker.trainer.adapter.load_state(state)
-    update = worker.trainer.train(
+    upload, report = worker.trainer.train(
         client, worker.fed.shards[client], worker.fed.budgets[client], round_index,
         state.num_bytes(),
     )  # fmt: skip
-    if update.failed:
-        raise RuntimeError(f"client {client} failed: {update.failure}")
+    if upload is None:
+        raise RuntimeError(f"client {client} ran out of memory")
     metrics = MetricRecord(
         {
-            "num-examples": update.num_samples,
-            "wall-seconds": update.wall_seconds,
-            "train-loss": update.loss,
+            "num-examples": report.num_samples,
+            "wall-seconds": report.wall_seconds,
+            "train-loss": report.loss,
         }
     )
     # FedAvg needs every client's full set of tensors; the untrained ones are unchanged.

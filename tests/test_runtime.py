@@ -12,16 +12,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from hfedmoe.actors.federation import run_federation
 from hfedmoe.actors.pools import PlacementError, plan_pools
 from hfedmoe.cli import main
-from hfedmoe.platform.checkpoint import history_from_json, load_checkpoint
+from hfedmoe.launch import launch
+from hfedmoe.platform.checkpoint import load_checkpoint
 from hfedmoe.platform.config import parse_config
-from hfedmoe.platform.simulation import run_simulation
-from hfedmoe.tuning.tracking import default_tracking_uri
+from hfedmoe.platform.engine import sample_clients
+from hfedmoe.platform.executors import run_in_process
+from hfedmoe.platform.records import BatchRouting, History
+from hfedmoe.platform.strategies import Strategy, register
+from hfedmoe.tracking.mlflow_run import default_tracking_uri
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +42,11 @@ def tiny(tmp_path: Path, **sections) -> object:
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value}
     return parse_config(raw)
+
+
+def run_simulation(cfg):
+    run = run_in_process(cfg)
+    return run.history, run.state
 
 
 def assert_same_run(a_history, a_state, b_history, b_state):
@@ -84,9 +93,76 @@ def test_every_ray_get_and_wait_has_a_timeout():
 def test_ray_runner_equals_in_process_runner(ray_address, tmp_path):
     cfg = tiny(tmp_path, tracking={"enabled": False})
     expected_history, expected_state = run_simulation(cfg)
-    result = run_federation(cfg, run_dir=tmp_path / "ray", progress=False)
+    result = launch(cfg, run_dir=tmp_path / "ray", progress=False)
     assert_same_run(expected_history, expected_state, result.history, result.state)
     assert result.history.rounds[-1].succeeded == 4
+
+
+# Budgets that bind: "weak" clients fit a single expert of the 8 a batch may route to,
+# "broke" ones not even the frozen model (they fail OOM on every strategy).
+BINDING_TIERS = {
+    "distribution": "tiers",
+    "tiers": [
+        {"name": "weak", "proportion": 0.5, "memory_fraction": 0.0, "flops_per_s": 2e11},
+        {"name": "strong", "proportion": 0.25, "memory_fraction": 1.5, "flops_per_s": 1e12},
+        {"name": "broke", "proportion": 0.25, "memory_fraction": 0.05, "flops_per_s": 1e11},
+    ],
+}
+
+
+def binding(tmp_path, federation=None, **sections):
+    """tiny.yaml with BINDING_TIERS; the weak tier's fraction is derived from the footprint."""
+    from hfedmoe.platform.budgets.cost import full_step_memory_bytes, step_memory_bytes
+    from hfedmoe.platform.federation import build_federation
+
+    fed, _ = build_federation(tiny(tmp_path))
+    fp, batch = fed.footprint, fed.cfg.federation.batch_size
+    weak = (step_memory_bytes(fp, 1, batch) + 1) / full_step_memory_bytes(fp, batch)
+    tiers = [dict(t) for t in BINDING_TIERS["tiers"]]
+    tiers[0]["memory_fraction"] = weak
+    return tiny(
+        tmp_path,
+        budgets={**BINDING_TIERS, "tiers": tiers},
+        federation={"rounds": 3, "clients_per_round": 6, **(federation or {})},
+        **sections,
+    )
+
+
+def test_executors_are_bit_identical_where_budgets_bind(ray_address, tmp_path):
+    cfg = binding(tmp_path, tracking={"enabled": False})
+    expected_history, expected_state = run_simulation(cfg)
+    result = launch(cfg, run_dir=tmp_path / "ray", progress=False)
+    assert_same_run(expected_history, expected_state, result.history, result.state)
+    # The setting exercises budgets: weak clients train 1 expert a step where batches route
+    # to more (top-2 of 4 per layer), and broke clients run out of memory.
+    weak = [c for c in result.history.clients if c.tier == "weak" and c.failure is None]
+    assert weak and all(c.capacity == 1 and c.experts_per_step_max == 1 for c in weak)
+    assert sum(r.failed_oom for r in result.history.rounds) > 0
+    broke = [c for c in result.history.clients if c.tier == "broke"]
+    assert broke and all(c.failure == "oom" for c in broke)
+
+
+@register
+class LowestRouted(Strategy):
+    """A strategy added in a test module: train the lowest-numbered routed experts."""
+
+    name = "test_lowest_routed"
+
+    def expert_scores(self, routing: BatchRouting) -> torch.Tensor:
+        layers, experts = routing.union.shape
+        return -torch.arange(experts, dtype=torch.float32).expand(layers, experts)
+
+
+def test_a_strategy_defined_in_a_test_module_runs_on_both_executors(ray_address, tmp_path):
+    cfg = binding(
+        tmp_path,
+        federation={"strategy": "test_lowest_routed", "rounds": 2},
+        tracking={"enabled": False},
+    )
+    expected_history, expected_state = run_simulation(cfg)
+    result = launch(cfg, run_dir=tmp_path / "ray", progress=False)
+    assert_same_run(expected_history, expected_state, result.history, result.state)
+    assert result.history.rounds[-1].experts_updated > 0
 
 
 def test_killed_client_actor_is_retried_on_another_and_replaced(ray_address, tmp_path):
@@ -94,7 +170,7 @@ def test_killed_client_actor_is_retried_on_another_and_replaced(ray_address, tmp
     cfg = tiny(tmp_path, tracking={"enabled": False})
     victim = _sampled(cfg, 1)[1]
     crashing = tiny(tmp_path, tracking={"enabled": False}, faults={"crash": [[1, victim]]})
-    result = run_federation(crashing, run_dir=tmp_path / "crash", progress=False)
+    result = launch(crashing, run_dir=tmp_path / "crash", progress=False)
     expected_history, expected_state = run_simulation(cfg)
     # The retry ran the same client on a fresh actor: nothing is lost, results unchanged.
     assert_same_run(expected_history, expected_state, result.history, result.state)
@@ -105,7 +181,7 @@ def test_killed_client_actor_is_retried_on_another_and_replaced(ray_address, tmp
         faults={"crash": [[1, victim]]},
         runtime={"retries": 0},
     )
-    lost = run_federation(no_retry, run_dir=tmp_path / "lost", progress=False)
+    lost = launch(no_retry, run_dir=tmp_path / "lost", progress=False)
     assert lost.history.rounds[1].failed_lost == 1
     assert lost.history.rounds[1].succeeded == 3
     record = next(c for c in lost.history.clients if c.round == 1 and c.client == victim)
@@ -121,7 +197,7 @@ def test_stalled_client_is_timed_out_retried_and_its_actor_replaced(ray_address,
         faults={"hang": [[0, victim]]},
         runtime={"client_timeout_s": 15},
     )
-    result = run_federation(stalling, run_dir=tmp_path / "hang", progress=False)
+    result = launch(stalling, run_dir=tmp_path / "hang", progress=False)
     # The stalled client's actor was killed at its time limit, the client (and the one
     # queued behind it on that actor) rerun elsewhere: nothing lost, results unchanged.
     assert result.history.rounds[0].wall_seconds > 15
@@ -130,19 +206,14 @@ def test_stalled_client_is_timed_out_retried_and_its_actor_replaced(ray_address,
 
 
 def _sampled(cfg, round_index):
-    from hfedmoe.platform.simulation import sample_clients
-
     fed = cfg.federation
-    return [
-        int(c)
-        for c in sample_clients(fed.num_clients, fed.clients_per_round, cfg.seed, round_index)
-    ]
+    return sample_clients(fed.num_clients, fed.clients_per_round, cfg.seed, round_index)
 
 
 def test_non_finite_update_is_rejected_and_counted(ray_address, tmp_path):
     victim = _sampled(tiny(tmp_path), 0)[2]
     cfg = tiny(tmp_path, tracking={"enabled": False}, faults={"corrupt": [[0, victim]]})
-    result = run_federation(cfg, run_dir=tmp_path / "nan", progress=False)
+    result = launch(cfg, run_dir=tmp_path / "nan", progress=False)
     assert result.history.rounds[0].failed_non_finite == 1
     assert result.history.rounds[0].succeeded == 3
     for arrays in (result.state.shared, result.state.gates, *result.state.experts):
@@ -152,19 +223,22 @@ def test_non_finite_update_is_rejected_and_counted(ray_address, tmp_path):
     assert_same_run(expected_history, expected_state, result.history, result.state)
 
 
-def test_killed_driver_resumes_to_the_uninterrupted_result(ray_address, tmp_path):
-    cfg = tiny(tmp_path, federation={"rounds": 3}, tracking={"enabled": False})
+@pytest.mark.parametrize("executor", ["ray", "in_process"])
+def test_killed_driver_resumes_to_the_uninterrupted_result(ray_address, tmp_path, executor):
+    """Ray: the driver dies (SIGKILL). In process: SIGTERM, and MLflow records KILLED."""
+    in_process = executor == "in_process"
+    cfg = tiny(tmp_path, federation={"rounds": 3}, tracking={"enabled": in_process})
     config_file = tmp_path / "resume.yaml"
     raw = cfg.model_dump(mode="json")
     raw["runtime"]["address"] = ray_address
     config_file.write_text(yaml.safe_dump(raw))
     run_dir = tmp_path / "killed"
+    command = [sys.executable, "-m", "hfedmoe.cli", "run", str(config_file),
+               "--run-dir", str(run_dir), "--no-progress"]  # fmt: skip
+    command += ["--in-process"] if in_process else []
     driver = subprocess.Popen(
-        [sys.executable, "-m", "hfedmoe.cli", "run", str(config_file), "--run-dir", str(run_dir),
-         "--no-progress"],
-        start_new_session=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
+        command, start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     latest = run_dir / "checkpoints" / "LATEST"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and driver.poll() is None:
@@ -172,16 +246,28 @@ def test_killed_driver_resumes_to_the_uninterrupted_result(ray_address, tmp_path
             break
         time.sleep(0.05)
     assert driver.poll() is None, "the driver finished before it could be killed"
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver and nothing else: its own session
-    driver.wait(timeout=30)
+    # The driver and nothing else: its own session.
+    os.killpg(driver.pid, signal.SIGTERM if in_process else signal.SIGKILL)
+    driver.wait(timeout=60)
     assert latest.read_text().strip() in ("round-00000", "round-00001")
-    done = history_from_json(load_checkpoint(run_dir)[1]["history"]).rounds
+    done = History.from_json(load_checkpoint(run_dir)[1]["history"]).rounds
+    if in_process:
+        client = MlflowClient(default_tracking_uri(run_dir))
+        [killed] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        assert killed.info.status == "KILLED"
 
-    resumed = run_federation(resume=run_dir, progress=False)
+    resumed = launch(resume=run_dir, progress=False, in_process=in_process)
     # The checkpointed rounds come back as they were (a rerun would re-measure their time).
     kept = resumed.history.rounds[: len(done)]
     assert [r.wall_seconds for r in kept] == [r.wall_seconds for r in done]
-    uninterrupted = run_federation(cfg, run_dir=tmp_path / "whole", progress=False)
+    if in_process:  # the same MLflow run continued and finished
+        [finished] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        assert finished.info.run_id == killed.info.run_id
+        assert finished.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(finished.info.run_id, "accuracy")]
+        assert sorted(set(steps)) == [0, 1, 2]
+    whole = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"enabled": False})})
+    uninterrupted = launch(whole, run_dir=tmp_path / "whole", progress=False)
     assert_same_run(uninterrupted.history, uninterrupted.state, resumed.history, resumed.state)
 
 

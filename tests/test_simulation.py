@@ -9,12 +9,18 @@ import numpy as np
 import pytest
 import yaml
 
+from hfedmoe.platform.budgets.cost import full_step_memory_bytes, step_memory_bytes
 from hfedmoe.platform.config import parse_config
-from hfedmoe.platform.devices import full_step_memory_bytes, step_memory_bytes
+from hfedmoe.platform.engine import sample_clients
+from hfedmoe.platform.executors import run_in_process
 from hfedmoe.platform.federation import build_federation
-from hfedmoe.platform.local import ClientUpdate
-from hfedmoe.platform.simulation import run_simulation, sample_clients, screen
 from hfedmoe.platform.strategies import STRATEGIES
+
+
+def run_simulation(cfg):
+    run = run_in_process(cfg)
+    return run.history, run.state
+
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,7 +144,7 @@ def test_same_seed_gives_identical_metrics_and_weights():
     assert [r.train_loss for r in other.rounds] != [r.train_loss for r in first.rounds]
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@pytest.mark.parametrize("name", sorted(n for n in STRATEGIES if not n.startswith("test_")))
 def test_every_strategy_runs_within_its_rules(name):
     history, _ = run_simulation(tiny_config(strategy=name, rounds=1))
     metrics = history.rounds[0]
@@ -180,16 +186,8 @@ def test_round_deadline_drops_late_clients_and_keeps_the_model():
             np.testing.assert_array_equal(state.experts[layer][name], value)
 
 
-def test_screen_rejects_non_finite_updates():
-    update = ClientUpdate(client_id=0, num_samples=4, shared={"w": np.array([1.0, np.nan])})
-    update.loss = 0.5
-    assert screen(update, None).failure == "non_finite"
-    fine = ClientUpdate(client_id=1, num_samples=4, shared={"w": np.ones(2)}, loss=0.5)
-    assert screen(fine, None).failure is None
-
-
 def test_client_sampling_is_seeded_and_without_replacement():
     a = sample_clients(100_000, 100, seed=3, round_index=5)
-    assert len(set(a.tolist())) == 100 and a.max() < 100_000
-    np.testing.assert_array_equal(a, sample_clients(100_000, 100, seed=3, round_index=5))
-    assert not np.array_equal(a, sample_clients(100_000, 100, seed=3, round_index=6))
+    assert len(set(a)) == 100 and max(a) < 100_000
+    assert a == sample_clients(100_000, 100, seed=3, round_index=5)
+    assert a != sample_clients(100_000, 100, seed=3, round_index=6)

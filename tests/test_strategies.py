@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from hfedmoe.platform import config
-from hfedmoe.platform.config import HFedMoEConfig
-from hfedmoe.platform.models.adapter import BatchRouting
-from hfedmoe.platform.strategies import STRATEGIES, get_strategy
+from hfedmoe.platform.config import ConfigError, HFedMoEConfig, parse_config
+from hfedmoe.platform.records import BatchRouting
+from hfedmoe.platform.strategies import STRATEGIES, Strategy, make_strategy
 
 BUDGETED = [n for n in STRATEGIES if n not in ("fedavg_full", "flex")]
 
@@ -51,7 +50,7 @@ HP = HFedMoEConfig(beta=1.0, importance_mix=0.5, budget_scope="global")
 
 
 def _select(name, routing=EXAMPLE, capacity=1, hp=HP, seed=0) -> torch.Tensor:
-    return get_strategy(name).select_experts(routing, capacity, hp, np.random.default_rng(seed))
+    return make_strategy(name, hp).select_experts(routing, capacity, np.random.default_rng(seed))
 
 
 def test_example_scores_by_hand():
@@ -171,23 +170,41 @@ def test_every_strategy_respects_capacity_and_union(scope):
                     ], name
 
 
+BUILT_IN = {
+    # name: (trains, experts aggregated by eq 17, gates by eqs 19-21)
+    "hfedmoe": ("selected", True, True),
+    "hfedmoe_no_ib": ("selected", True, True),
+    "hfedmoe_plain_agg": ("selected", False, True),
+    "hfedmoe_no_gate_agg": ("selected", True, False),
+    "fedavg_full": ("all", False, False),
+    "budget_random": ("selected", False, False),
+    "budget_top_usage": ("selected", False, False),
+    "flex": ("none", False, False),
+}
+
+
 def test_strategy_table():
-    # The config's allowed names and the strategy table agree.
-    assert set(STRATEGIES) == set(config.STRATEGIES)
-    rules = {n: (s.selection, s.expert_rule, s.gate_rule) for n, s in STRATEGIES.items()}
-    assert rules == {
-        "hfedmoe": ("ib", "sparsity_aware", "preference"),
-        "hfedmoe_no_ib": ("importance", "sparsity_aware", "preference"),
-        "hfedmoe_plain_agg": ("ib", "fedavg", "preference"),
-        "hfedmoe_no_gate_agg": ("ib", "sparsity_aware", "fedavg"),
-        "fedavg_full": ("all", "fedavg", "fedavg"),
-        "budget_random": ("random", "fedavg", "fedavg"),
-        "budget_top_usage": ("top_usage", "fedavg", "fedavg"),
-        "flex": ("none", "fedavg", "fedavg"),
+    table = {
+        name: (
+            cls.trains,
+            cls.expert_weights is not Strategy.expert_weights,
+            cls.gate_weight is not Strategy.gate_weight,
+        )
+        for name, cls in STRATEGIES.items()
+        if name in BUILT_IN
     }
-    assert [n for n, s in STRATEGIES.items() if not s.budget_aware] == ["fedavg_full"]
+    assert table == BUILT_IN
+
+
+def test_step_limit_follows_what_a_strategy_trains():
+    hp = HFedMoEConfig()
+    assert make_strategy("hfedmoe", hp).step_limit(5, 48) == 5
+    assert make_strategy("fedavg_full", hp).step_limit(5, 48) == 48
+    assert make_strategy("flex", hp).step_limit(5, 48) == 0
 
 
 def test_unknown_strategy_is_rejected_with_the_choices():
     with pytest.raises(ValueError, match=r"unknown strategy 'nope'.*hfedmoe"):
-        get_strategy("nope")
+        make_strategy("nope", HFedMoEConfig())
+    with pytest.raises(ConfigError, match=r"federation.strategy.*unknown strategy 'nope'"):
+        parse_config({"federation": {"strategy": "nope"}})

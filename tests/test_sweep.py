@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from hfedmoe.platform.config import ConfigError, parse_config
+from hfedmoe.tracking.ui import runs_table_urls, start_server, stop_server
 from hfedmoe.tuning.sweep import (
     DRIVER_CPUS,
     load_sweep,
@@ -24,7 +25,6 @@ from hfedmoe.tuning.sweep import (
     trial_config,
     trial_share,
 )
-from hfedmoe.tuning.ui import start_server, stop_server
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -219,9 +219,12 @@ def test_browser_lists_the_sweep_child_runs(finished_sweep, mlflow_server, tmp_p
     names = [
         r["info"]["run_name"] for r in runs if r["info"]["run_id"] != finished_sweep.parent_run_id
     ]
+    # The page `hfedmoe ui` prints for the experiment: its runs table.
+    page_url = runs_table_urls(mlflow_server)["tiny-sweep"]
+    assert page_url.endswith(f"/#/experiments/{experiment['experiment_id']}/runs")
     browser = _browser()
     try:
-        browser.get(f"{mlflow_server}/#/experiments/{experiment['experiment_id']}/runs")
+        browser.get(page_url)
         rows = ".ag-row button[data-component-id*='runnamecellrenderer']"
         wait = WebDriverWait(browser, 60)
         expander = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, rows))[0]

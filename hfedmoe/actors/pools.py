@@ -23,7 +23,7 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from hfedmoe.platform.config import ConfigError
+from hfedmoe.platform.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def plan_pools(fractions: np.ndarray, capacity: float, max_actors: int) -> list[
 class Job:
     """A chunk of one round's clients of one resource shape, run by one actor call."""
 
-    position: int  # index of the chunk in the round's aggregation order
+    position: int  # index of the chunk among the round's jobs
     clients: tuple[int, ...]
     fraction: float
     attempt: int = 0
@@ -90,12 +90,13 @@ class Job:
 @dataclass
 class Outcome:
     job: Job
-    stats: Any = None  # the clients' ClientUpdates without tensors
-    update_ref: ray.ObjectRef | None = None  # the list of full updates
+    reports: Any = None  # the clients' ClientReports, fetched
+    upload_refs: list[ray.ObjectRef] | None = None  # one ClientUpload (or None) per client
     failure: str | None = None  # "lost" when the chunk never returned
 
 
-Submit = Callable[[Any, Job], tuple[ray.ObjectRef, ray.ObjectRef]]
+# (actor, job) -> (ref of the reports, refs of the uploads)
+Submit = Callable[[Any, Job], tuple[ray.ObjectRef, list[ray.ObjectRef]]]
 
 
 class ClientPools:
@@ -151,7 +152,7 @@ class ClientPools:
         """
         queues = {f: deque(j for j in jobs if j.fraction == f) for f in self.pool}
         queued: dict[Any, deque] = {a: deque() for pool in self.pool.values() for a in pool}
-        running: dict[ray.ObjectRef, tuple[Job, Any, ray.ObjectRef]] = {}
+        running: dict[ray.ObjectRef, tuple[Job, Any, list[ray.ObjectRef]]] = {}
         deadlines: dict[ray.ObjectRef, float] = {}  # for the job at the head of each queue
 
         def promote(actor) -> None:
@@ -185,16 +186,16 @@ class ClientPools:
                     if len(queued[actor]) >= depth:
                         break
                     job = queue.popleft()
-                    stats_ref, update_ref = submit(actor, job)
-                    running[stats_ref] = (job, actor, update_ref)
-                    queued[actor].append(stats_ref)
+                    reports_ref, upload_refs = submit(actor, job)
+                    running[reports_ref] = (job, actor, upload_refs)
+                    queued[actor].append(reports_ref)
                     promote(actor)
             wait_s = min(deadlines.values(), default=np.inf) - time.monotonic()
             done, _ = ray.wait(list(running), num_returns=1, timeout=min(max(wait_s, 0), 5.0))
             for ref in done:
-                job, actor, update_ref = running[ref]
+                job, actor, upload_refs = running[ref]
                 try:
-                    stats = ray.get(ref, timeout=CONTROL_TIMEOUT_S)
+                    reports = ray.get(ref, timeout=CONTROL_TIMEOUT_S)
                 except RayActorError:
                     yield from fail(actor)
                     continue
@@ -202,7 +203,7 @@ class ClientPools:
                 queued[actor].remove(ref)
                 deadlines.pop(ref, None)
                 promote(actor)
-                yield Outcome(job, stats=stats, update_ref=update_ref)
+                yield Outcome(job, reports=reports, upload_refs=upload_refs)
             now = time.monotonic()
             for ref in [r for r, deadline in deadlines.items() if deadline < now]:
                 actor = running[ref][1]

@@ -1,7 +1,7 @@
 """The code that runs inside Ray actors: a client worker and the aggregator.
 
-Both are plain classes around the platform's LocalTrainer and RoundAggregator; the pool
-and the driver wrap them with ``ray.remote`` and the resources of their role.
+Both are plain classes around the platform's ``train_client`` and ``RoundAggregator``; the
+executor wraps them with ``ray.remote`` and the resources of their role.
 """
 
 from __future__ import annotations
@@ -12,12 +12,16 @@ import time
 import numpy as np
 import torch
 
+from hfedmoe.platform.aggregation import AggregationReport, RoundAggregator
+from hfedmoe.platform.budgets.cost import ModelFootprint
+from hfedmoe.platform.budgets.drawing import Budget
+from hfedmoe.platform.client import train_client
 from hfedmoe.platform.config import ExperimentConfig
-from hfedmoe.platform.data import TokenizedText
-from hfedmoe.platform.devices import Budget, ModelFootprint
-from hfedmoe.platform.local import ClientUpdate, make_trainer
-from hfedmoe.platform.models import ModelState, build_adapter
-from hfedmoe.platform.simulation import inject_faults, new_aggregator, screen
+from hfedmoe.platform.data.tokenisation import TokenizedText
+from hfedmoe.platform.federation import make_trainer
+from hfedmoe.platform.models import build_adapter
+from hfedmoe.platform.records import ClientReport, ClientUpload, ModelState
+from hfedmoe.platform.strategies import Strategy, make_strategy, register
 
 
 class ClientWorker:
@@ -31,7 +35,9 @@ class ClientWorker:
         num_labels: int,
         device: str,
         threads: int,
+        strategy: type[Strategy],
     ) -> None:
+        register(strategy)  # a class the driver registered; this process may not have
         torch.set_num_threads(threads)
         adapter = build_adapter(cfg.model, num_labels, cfg.seed)
         adapter.model.to(device)
@@ -48,47 +54,52 @@ class ClientWorker:
         state: ModelState,
         bytes_down: int,
         attempt: int,
-    ) -> tuple[list[ClientUpdate], list[ClientUpdate]]:
+    ) -> tuple:
         """Train a chunk of clients, each from the global state, in order.
 
-        Returns (statistics, full updates): the driver fetches the first, the aggregator
-        the second. One call per chunk spreads Ray's per-call cost over its clients.
+        Returns (reports, upload_1, ..., upload_n) as separate objects: the driver fetches
+        the reports, the aggregator each upload. One call per chunk spreads Ray's per-call
+        cost over its clients.
         """
-        stats, updates = [], []
+        reports, uploads = [], []
         for client_id, indices, budget in jobs:
             if attempt == 0 and (round_index, client_id) in self.cfg.faults.crash:
                 os._exit(1)  # injected fault: the process dies mid-task, as a real crash would
             if attempt == 0 and (round_index, client_id) in self.cfg.faults.hang:
                 time.sleep(10**6)  # injected fault: stalls until the driver's time limit
-            self.trainer.adapter.load_state(state)
-            update = self.trainer.train(client_id, indices, budget, round_index, bytes_down)
-            update = inject_faults(update, self.cfg, round_index)
-            stats.append(update.without_tensors())
-            updates.append(update)
-        return stats, updates
+            upload, report = train_client(
+                self.trainer, client_id, indices, budget, round_index, state, bytes_down
+            )
+            reports.append(report)
+            uploads.append(upload)
+        return (reports, *uploads)
 
 
 class AggregatorWorker:
-    """Streams one round's updates into the next global state (eqs 16-21), O(model) memory."""
+    """Screens and streams one round's uploads into the next global state, O(model) memory."""
 
-    def __init__(self, cfg: ExperimentConfig) -> None:
+    def __init__(self, cfg: ExperimentConfig, strategy: type[Strategy]) -> None:
+        register(strategy)
         self.cfg = cfg
-        self.aggregator = None
+        self.strategy = make_strategy(cfg.federation.strategy, cfg.hfedmoe)
+        self.aggregator: RoundAggregator | None = None
 
     def begin(self, state: ModelState) -> None:
-        self.aggregator = new_aggregator(self.cfg, state)
+        fed = self.cfg.federation
+        self.aggregator = RoundAggregator(
+            state, self.strategy, self.cfg.hfedmoe.tau, fed.round_deadline_s
+        )
 
-    def add_many(self, updates: list[ClientUpdate]) -> list[str | None]:
-        """Screen and add updates in order; for each, why it was left out, or None."""
-        reasons = []
-        for update in updates:
-            update = screen(update, self.cfg.federation.round_deadline_s)
-            if not update.failed:
-                self.aggregator.add(update)
-            reasons.append(update.failure)
-        return reasons
+    def offer_many(
+        self, reports: list[ClientReport], *uploads: ClientUpload | None
+    ) -> list[str | None]:
+        """Offer clients in order; for each, why it was left out, or None."""
+        return [
+            self.aggregator.offer(report, upload)
+            for report, upload in zip(reports, uploads, strict=True)
+        ]
 
-    def finalize(self):
+    def finalize(self) -> tuple[ModelState, AggregationReport]:
         state, report = self.aggregator.finalize()
         self.aggregator = None
         return state, report

@@ -1,18 +1,23 @@
-"""Server-side aggregation: sparsity-aware experts, preference-weighted gates, FedAvg.
+"""Server-side aggregation: screening, sparsity-aware experts, preference-weighted gates.
 
-Equations 16-21 of HFedMoE as pure functions over stacked client arrays (the reference,
-unit-tested against hand-computed values), and ``RoundAggregator``, which streams client
-updates into the next global state with the same arithmetic in O(model) memory.
+Equations 16-21 of HFedMoE as pure functions (unit-tested against hand-computed values),
+``screen``, the one place a client's failure is decided, and ``RoundAggregator``, which
+streams a round's uploads into the next global state in O(model) memory. What weight an
+upload gets is the strategy's choice (``strategies.base.Strategy``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hfedmoe.platform.local import ClientUpdate
-from hfedmoe.platform.models.adapter import ModelState
+from hfedmoe.platform.records import ClientReport, ClientUpload, ModelState
+
+if TYPE_CHECKING:
+    from hfedmoe.platform.strategies import Strategy
 
 
 def expert_usage(prob_sum: np.ndarray, num_samples: int) -> np.ndarray:
@@ -25,15 +30,14 @@ def routing_set(usage: np.ndarray, tau: float) -> np.ndarray:
     return usage >= tau
 
 
-def sparsity_aware_weights(sizes: np.ndarray, usage: np.ndarray, tau: float) -> np.ndarray:
-    """Eq 17: w_c(e) = |D_c| 1(u_c(e) >= tau) / sum_j |D_j| 1(u_j(e) >= tau).
+def sparsity_aware_contribution(size: float, usage: np.ndarray, tau: float) -> np.ndarray:
+    """Eq 17's numerator: |D_c| 1(u_c(e) >= tau), the weight of client c's expert e.
 
-    sizes: [C]; usage: [C, ...]. Where no client qualifies the weights are all zero and
-    the expert keeps its previous global value.
+    The expert's new value is the sum of contributions times uploads over the sum of
+    contributions; the aggregator keeps both sums as it streams. Where no client
+    contributes, the expert keeps its previous global value.
     """
-    numer = sizes.reshape(-1, *[1] * (usage.ndim - 1)) * routing_set(usage, tau)
-    denom = numer.sum(axis=0, keepdims=True)
-    return np.divide(numer, denom, out=np.zeros_like(numer, dtype=np.float64), where=denom > 0)
+    return size * routing_set(usage, tau)
 
 
 def routing_consistency(sets: np.ndarray) -> np.ndarray:
@@ -62,32 +66,56 @@ def gate_weights(preference: np.ndarray, global_set_size: int) -> np.ndarray:
     return preference.reshape(preference.shape[0], -1).sum(axis=1) / global_set_size
 
 
-def aggregate_gates(alphas: np.ndarray, gates: np.ndarray, normalise: bool) -> np.ndarray:
-    """Eq 21: G^{t+1} = sum_c alpha(c) G_c^t.
+def aggregate_gates(weighted_sum: np.ndarray, divisor: float, previous: np.ndarray) -> np.ndarray:
+    """Eq 21: G^{t+1} = sum_c alpha(c) G_c^t, from the streamed sum_c p_c G_c.
 
-    As written the alphas need not sum to one; with ``normalise`` (our default) they are
-    divided by their sum. gates: [C, ...]. Callers keep the previous gate when all
-    alphas are zero.
+    alpha(c) = p_c / |S_global| (eq 20), so the sum is divided by |S_global| as written,
+    or by sum_c p_c when the alphas are normalised to sum to one (our default,
+    ``hfedmoe.normalise_gate_weights``). A divisor <= 0 (no preference at all) keeps the
+    previous gate.
     """
-    weights = alphas / alphas.sum() if normalise else alphas
-    return np.tensordot(weights, gates, axes=1)
+    if divisor <= 0:
+        return previous.copy()
+    return (weighted_sum / divisor).astype(previous.dtype)
 
 
-def fedavg(sizes: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """FedAvg (McMahan et al. 2017): sum_c |D_c| theta_c / sum_c |D_c|. values: [C, ...]."""
-    return np.tensordot(sizes / sizes.sum(), values, axes=1)
+def fedavg(weighted_sum: np.ndarray, weight: float, previous: np.ndarray) -> np.ndarray:
+    """FedAvg (McMahan et al. 2017): sum_c |D_c| theta_c / sum_c |D_c|, from the streamed sum.
+
+    Nobody contributing (weight 0) keeps the previous value.
+    """
+    if weight <= 0:
+        return previous.copy()
+    return (weighted_sum / weight).astype(previous.dtype)
+
+
+def screen(
+    report: ClientReport, upload: ClientUpload | None, deadline_s: float | None
+) -> str | None:
+    """The one place a client's failure is decided: why its upload must not be aggregated.
+
+    lost: the executor never got the client back; oom: its step did not fit its memory;
+    non_finite: NaN/Inf in a tensor or the loss; deadline: it would arrive after
+    ``federation.round_deadline_s`` simulated seconds.
+    """
+    if report.lost:
+        return "lost"
+    if report.out_of_memory or upload is None:
+        return "oom"
+    if not (upload.is_finite() and math.isfinite(report.loss)):
+        return "non_finite"
+    if deadline_s is not None and report.seconds > deadline_s:
+        return "deadline"
+    return None
 
 
 @dataclass
 class AggregationReport:
     """What one round's aggregation did, for logging."""
 
-    clients: list[int] = field(default_factory=list)
     consistency: list[float] = field(default_factory=list)  # r(c), eq 18, per client
     gate_alphas: list[float] = field(default_factory=list)  # alpha(c), eq 20, per client
-    uploads: np.ndarray | None = None  # [L, E] clients that uploaded each expert
     contributors: np.ndarray | None = None  # [L, E] clients whose upload entered the average
-    updated_by: list[list[list[int]]] = field(default_factory=list)  # [L][E] -> client ids
 
     @property
     def experts_updated(self) -> int:
@@ -99,29 +127,26 @@ class AggregationReport:
 
 
 class RoundAggregator:
-    """Streams one round's client updates into the next global state.
+    """Streams one round's uploads into the next global state.
 
-    expert_rule "sparsity_aware" averages expert e over the clients that uploaded it (that
-    is, trained it) and have u_c(e) >= tau, weighted by |D_c| (eq 17 restricted to the
-    experts the server actually received); "fedavg" averages every upload of e. An expert
-    nobody contributes to keeps its value. gate_rule "preference" weights each client's
-    routers by alpha(c) (eqs 19-21), "fedavg" by |D_c|. Shared parameters: FedAvg.
-    Accumulators are float64; the result is cast back to each tensor's dtype.
+    Each upload is screened, then added with the strategy's weights: per uploaded expert
+    row (an expert nobody contributes to keeps its value), per client's routers, and
+    |D_c| for shared parameters. Accumulators are float64 and the sums run in the order
+    uploads are offered (the engine's canonical order, the same on every executor); the
+    result is cast back to each tensor's dtype.
     """
 
     def __init__(
         self,
         global_state: ModelState,
-        expert_rule: str,
-        gate_rule: str,
+        strategy: Strategy,
         tau: float,
-        normalise_gates: bool,
+        deadline_s: float | None,
     ) -> None:
         self.previous = global_state
-        self.expert_rule = expert_rule
-        self.gate_rule = gate_rule
+        self.strategy = strategy
         self.tau = tau
-        self.normalise_gates = normalise_gates
+        self.deadline_s = deadline_s
         self.shared_sum = {k: np.zeros(v.shape) for k, v in global_state.shared.items()}
         self.shared_weight = 0.0
         self.gate_sum = {k: np.zeros(v.shape) for k, v in global_state.gates.items()}
@@ -132,68 +157,67 @@ class RoundAggregator:
         num_layers = len(global_state.experts)
         num_experts = next(iter(global_state.experts[0].values())).shape[0]
         self.expert_weight = np.zeros((num_layers, num_experts))
-        self.report = AggregationReport(
-            uploads=np.zeros((num_layers, num_experts), dtype=np.int64),
-            contributors=np.zeros((num_layers, num_experts), dtype=np.int64),
-            updated_by=[[[] for _ in range(num_experts)] for _ in range(num_layers)],
-        )
+        self.contributors = np.zeros((num_layers, num_experts), dtype=np.int64)
         self.sets: list[np.ndarray] = []
         self.preference_sums: list[float] = []
 
-    def add(self, update: ClientUpdate) -> None:
-        size = float(update.num_samples)
-        self.report.clients.append(update.client_id)
-        if update.shared:
-            for name, value in update.shared.items():
+    def offer(self, report: ClientReport, upload: ClientUpload | None) -> str | None:
+        """Screen a client's upload and add it unless it fails; record and return the verdict."""
+        report.failure = screen(report, upload, self.deadline_s)
+        if report.failure is None:
+            self._add(report, upload)
+        return report.failure
+
+    def _add(self, report: ClientReport, upload: ClientUpload) -> None:
+        size = float(report.num_samples)
+        if upload.shared:
+            for name, value in upload.shared.items():
                 self.shared_sum[name] += size * value
             self.shared_weight += size
-        client_set = routing_set(update.usage, self.tau)
-        self.sets.append(client_set)
-        preference = float(routing_preference(update.usage, update.importance, self.tau).sum())
+        self.sets.append(routing_set(report.usage, self.tau))
+        preference = float(routing_preference(report.usage, report.importance, self.tau).sum())
         self.preference_sums.append(preference)
-        if update.gates:
-            weight = preference if self.gate_rule == "preference" else size
-            for name, value in update.gates.items():
+        if upload.gates:
+            weight = self.strategy.gate_weight(report, preference)
+            for name, value in upload.gates.items():
                 self.gate_sum[name] += weight * value
             self.gate_weight += weight
-        for layer, uploaded in enumerate(update.experts):
+        for layer, uploaded in enumerate(upload.experts):
             index = uploaded["index"]
             if index.size == 0:
                 continue
-            self.report.uploads[layer, index] += 1
-            if self.expert_rule == "sparsity_aware":
-                rows = np.flatnonzero(client_set[layer, index])
-                index = index[rows]
-            else:
-                rows = np.arange(index.size)
+            weights = self.strategy.expert_weights(report, layer, index)
+            rows = np.flatnonzero(weights > 0)
+            index, weights = index[rows], weights[rows]
             for name in self.expert_sum[layer]:
-                self.expert_sum[layer][name][index] += size * uploaded[name][rows]
-            self.expert_weight[layer, index] += size
-            self.report.contributors[layer, index] += 1
-            for e in index.tolist():
-                self.report.updated_by[layer][e].append(update.client_id)
+                shape = (-1, *[1] * (uploaded[name].ndim - 1))
+                self.expert_sum[layer][name][index] += weights.reshape(shape) * uploaded[name][rows]
+            self.expert_weight[layer, index] += weights
+            self.contributors[layer, index] += 1
 
     def finalize(self) -> tuple[ModelState, AggregationReport]:
         previous = self.previous
-        shared = _average(self.shared_sum, self.shared_weight, previous.shared)
+        shared = {
+            k: fedavg(v, self.shared_weight, previous.shared[k]) for k, v in self.shared_sum.items()
+        }
         sets = np.stack(self.sets) if self.sets else np.zeros((0, *self.expert_weight.shape), bool)
-        self.report.consistency = routing_consistency(sets).tolist() if self.sets else []
-        if self.gate_rule == "preference":
-            global_size = int(sets.any(axis=0).sum()) if self.sets else 0
-            alphas = gate_weights(np.array(self.preference_sums), global_size)
-            self.report.gate_alphas = alphas.tolist()
-            # Eq 21 without normalisation divides the preference-weighted sum by |S_global|.
-            divisor = self.gate_weight if self.normalise_gates else float(global_size)
-            gates = _average(self.gate_sum, divisor if alphas.sum() > 0 else 0.0, previous.gates)
-        else:
-            gates = _average(self.gate_sum, self.gate_weight, previous.gates)
+        global_size = int(sets.any(axis=0).sum())
+        divisor = self.strategy.gate_divisor(self.gate_weight, global_size)
+        gates = {
+            k: aggregate_gates(v, divisor, previous.gates[k]) for k, v in self.gate_sum.items()
+        }
         experts = [
             _keep_or_average(sums, weight, old)
             for sums, weight, old in zip(
                 self.expert_sum, self.expert_weight, previous.experts, strict=True
             )
         ]
-        return ModelState(shared=shared, gates=gates, experts=experts), self.report
+        report = AggregationReport(
+            consistency=routing_consistency(sets).tolist() if self.sets else [],
+            gate_alphas=gate_weights(np.array(self.preference_sums), global_size).tolist(),
+            contributors=self.contributors,
+        )
+        return ModelState(shared=shared, gates=gates, experts=experts), report
 
 
 def _keep_or_average(
@@ -208,9 +232,3 @@ def _keep_or_average(
             old[name].dtype
         )
     return layer
-
-
-def _average(sums: dict[str, np.ndarray], weight: float, old: dict[str, np.ndarray]):
-    if weight <= 0:
-        return {k: v.copy() for k, v in old.items()}
-    return {k: (sums[k] / weight).astype(old[k].dtype) for k in sums}

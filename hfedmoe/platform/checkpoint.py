@@ -1,4 +1,6 @@
-"""Round checkpoints: tensors in safetensors, everything else in JSON, written atomically.
+"""Run directories and round checkpoints (tensors in safetensors, the rest in JSON).
+
+A run directory holds the resolved ``config.yaml`` and the checkpoints.
 
 A checkpoint is a directory ``round-NNNNN`` under ``<run_dir>/checkpoints`` holding
 ``state.safetensors`` (the global ModelState) and ``progress.json`` (the completed round,
@@ -13,17 +15,41 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from safetensors.numpy import load_file, save_file
 
-from hfedmoe.platform.models.adapter import ModelState
-from hfedmoe.platform.simulation import ClientRecord, History, RoundMetrics
+from hfedmoe.platform.config import ExperimentConfig, load_config
+from hfedmoe.platform.errors import ConfigError
+from hfedmoe.platform.records import ModelState
 
 KEEP = 2  # checkpoints kept; older ones are removed after a new one is in place
+
+
+def new_run_dir(cfg: ExperimentConfig, run_dir: Path | None = None) -> Path:
+    """Create a run directory (default: output_dir/NAME-TIME) and write the config into it.
+
+    Refuses a directory that already holds a run: that one is continued with --resume.
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(run_dir or Path(cfg.output_dir) / f"{cfg.name}-{stamp}").resolve()
+    if load_checkpoint(run_dir) is not None:
+        raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return run_dir
+
+
+def run_config(run_dir: Path) -> ExperimentConfig:
+    """The config a run directory was started with (what --resume continues)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.yaml; is this a run directory?")
+    return load_config(path)
 
 
 def state_to_flat(state: ModelState) -> dict[str, np.ndarray]:
@@ -48,22 +74,6 @@ def state_from_flat(flat: dict[str, np.ndarray]) -> ModelState:
                 state.experts.append({})
             state.experts[int(layer)][name] = value
     return state
-
-
-def history_to_json(history: History) -> dict[str, Any]:
-    return {
-        "rounds": [asdict(r) for r in history.rounds],
-        "clients": [asdict(c) for c in history.clients],
-        "usage": [u.tolist() for u in history.usage],
-    }
-
-
-def history_from_json(raw: dict[str, Any]) -> History:
-    return History(
-        rounds=[RoundMetrics(**r) for r in raw["rounds"]],
-        clients=[ClientRecord(**c) for c in raw["clients"]],
-        usage=[np.asarray(u) for u in raw["usage"]],
-    )
 
 
 def save_checkpoint(

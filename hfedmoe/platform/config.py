@@ -11,18 +11,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-STRATEGIES = (
-    "hfedmoe",
-    "hfedmoe_no_ib",
-    "hfedmoe_plain_agg",
-    "hfedmoe_no_gate_agg",
-    "fedavg_full",
-    "budget_random",
-    "budget_top_usage",
-    "flex",
-)
+from hfedmoe.platform.budgets.profiles import EMBEDDED_DEVICES, EMBEDDED_NETWORKS
+from hfedmoe.platform.errors import ConfigError
+from hfedmoe.platform.strategies import STRATEGIES
+
 MODEL_KINDS = (
     "upcycled",
     "qwen3_moe",
@@ -32,10 +26,6 @@ MODEL_KINDS = (
     "switch_transformers",
     "pretrained",
 )
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing or out of range; the message names the field."""
 
 
 class _Section(BaseModel):
@@ -77,6 +67,11 @@ class DataConfig(_Section):
     def _path_given_where_needed(self) -> DataConfig:
         if self.source in ("huggingface", "files") and not self.path:
             raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        if self.source == "bbc_news" and self.path:
+            raise ValueError(
+                "data.path is not read for data.source 'bbc_news' (the corpus is embedded); "
+                "drop data.path, or set data.source to ag_news, huggingface or files"
+            )
         return self
 
 
@@ -117,7 +112,7 @@ class ModelConfig(_Section):
 
 
 class FederationConfig(_Section):
-    strategy: Literal[STRATEGIES] = "hfedmoe"  # type: ignore[valid-type]
+    strategy: str = Field("hfedmoe", description="a registered strategy (strategies/)")
     rounds: int = Field(10, ge=1)
     num_clients: int = Field(20, ge=1)
     clients_per_round: int = Field(5, ge=1)
@@ -144,17 +139,33 @@ class FederationConfig(_Section):
     target_accuracy: float | None = Field(
         None, gt=0, le=1, description="report rounds and simulated time to reach it"
     )
+    stop_at_target: bool = Field(
+        False, description="end the run once the evaluated accuracy reaches target_accuracy"
+    )
     round_deadline_s: float | None = Field(
         None, gt=0, description="simulated seconds; slower clients' updates are dropped"
     )
 
+    @field_validator("strategy")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        if name not in STRATEGIES:
+            raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+        return name
+
     @model_validator(mode="after")
     def _consistent(self) -> FederationConfig:
-        if self.engine == "deepspeed" and self.strategy not in ("fedavg_full", "flex"):
+        if self.engine == "deepspeed" and STRATEGIES[self.strategy].trains == "selected":
+            fixed = [n for n, s in STRATEGIES.items() if s.trains != "selected"]
             raise ValueError(
-                f"federation.engine=deepspeed supports fedavg_full and flex, not "
+                f"federation.engine=deepspeed supports {', '.join(fixed)}, not "
                 f"{self.strategy}: ZeRO flattens parameters into partitions, while per-batch "
                 "expert selection needs each expert as its own tensor; use engine=torch"
+            )
+        if self.stop_at_target and self.target_accuracy is None:
+            raise ValueError(
+                "federation.stop_at_target needs federation.target_accuracy; set it or drop "
+                "stop_at_target"
             )
         if self.clients_per_round > self.num_clients:
             raise ValueError(
@@ -165,7 +176,7 @@ class FederationConfig(_Section):
 
 
 class HFedMoEConfig(_Section):
-    """The method's hyper-parameters (hfedmoe-method.md)."""
+    """The method's hyper-parameters (Fang et al., arXiv 2601.00583, eqs 5, 14, 17-21)."""
 
     tau: float = Field(0.05, ge=0, le=1, description="usage threshold of eqs 17-18")
     beta: float = Field(0.1, ge=0, description="IB trade-off of eq 14")
@@ -193,9 +204,6 @@ class TierConfig(_Section):
 
     @model_validator(mode="after")
     def _memory_and_speed_given(self) -> TierConfig:
-        # devices.py imports this module; by validation time both are loaded.
-        from hfedmoe.platform.devices import EMBEDDED_DEVICES, EMBEDDED_NETWORKS
-
         if self.device is None and (self.memory_fraction is None or self.flops_per_s is None):
             raise ValueError(
                 f"budgets.tiers[{self.name}]: give either `device` or both `memory_fraction` "

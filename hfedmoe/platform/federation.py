@@ -1,8 +1,8 @@
-"""Everything a run builds from its config before round one, shared by both runners.
+"""Everything a run builds from its config before round one, shared by every executor.
 
 The corpus and its seeded stratified split, the tokenised train and test sets, the client
-shards, the model and its memory footprint, and the client budgets. Building is
-deterministic: the same config gives the same federation in any process.
+shards, the model and its memory footprint, the client budgets, and the client trainer.
+Building is deterministic: the same config gives the same federation in any process.
 """
 
 from __future__ import annotations
@@ -14,22 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from hfedmoe.platform.budgets.cost import ModelFootprint, full_step_memory_bytes
+from hfedmoe.platform.budgets.drawing import ClientBudgets, draw_budgets
+from hfedmoe.platform.client import LocalTrainer
 from hfedmoe.platform.config import ExperimentConfig
-from hfedmoe.platform.data import (
-    ClientShards,
-    TokenizedText,
-    load_corpus,
-    partition,
-    split_record,
-    stratified_split,
-    tokenize,
-)
-from hfedmoe.platform.devices import (
-    ClientBudgets,
-    ModelFootprint,
-    draw_budgets,
-    full_step_memory_bytes,
-)
+from hfedmoe.platform.data.corpora import load_corpus, split_record, stratified_split
+from hfedmoe.platform.data.partitioning import ClientShards, partition
+from hfedmoe.platform.data.tokenisation import TokenizedText, tokenize
 from hfedmoe.platform.models import MoEAdapter, build_adapter
 
 log = logging.getLogger(__name__)
@@ -109,3 +100,14 @@ def measure_footprint(adapter: MoEAdapter, train: TokenizedText, batch_size: int
     input_ids = train.input_ids[:batch_size]
     saved = adapter.measure_activation_bytes(input_ids, torch.ones_like(input_ids))
     return adapter.footprint(activation_bytes_per_sample=saved / len(input_ids))
+
+
+def make_trainer(
+    adapter: MoEAdapter, train_data: TokenizedText, footprint: ModelFootprint, cfg: ExperimentConfig
+) -> LocalTrainer:
+    """The trainer of the configured engine (``federation.engine``)."""
+    if cfg.federation.engine == "deepspeed":
+        from hfedmoe.platform.zero import DeepSpeedTrainer  # imports deepspeed: only on demand
+
+        return DeepSpeedTrainer(adapter, train_data, footprint, cfg)
+    return LocalTrainer(adapter, train_data, footprint, cfg)

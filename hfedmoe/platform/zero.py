@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hfedmoe.platform.local import LocalTrainer, _Tally
+from hfedmoe.platform.client import LocalTrainer, _Tally
 from hfedmoe.platform.models import build_adapter
 
 
@@ -89,7 +89,7 @@ class DeepSpeedTrainer(LocalTrainer):
         # FLOPs are the model's, engine-independent: count them before ZeRO patches torch.
         for batch in batches:
             self._calibrate(tuple(batch["input_ids"].shape), batch)
-        train_experts = self.strategy.selection == "all"
+        train_experts = self.strategy.trains == "all"
         with torch.random.fork_rng():  # building seeds torch; keep the dropout stream intact
             work = build_adapter(self.cfg.model, self.adapter.num_labels, self.cfg.seed)
         work.load_state(self.adapter.state())

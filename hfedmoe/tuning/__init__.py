@@ -1,1 +1,1 @@
-"""Ray Tune sweeps, MLflow tracking, plots and reports."""
+"""Ray Tune sweeps: each trial is a federation on the Ray executor."""

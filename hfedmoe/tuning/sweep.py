@@ -3,7 +3,7 @@
 A sweep file names a base experiment config, fixed overrides, and a search space over
 dotted config keys (tau, beta, lambda, the budget distribution or whole ``budgets``
 sections by name, the strategy, the client count, seeds...). Each trial runs
-``run_federation`` inside one placement group: a bundle for its driver, one per client
+the engine on the Ray executor inside one placement group: a bundle for its driver, one per client
 actor its pools will create, one for its aggregator; Tune captures the trial's child
 actors into that group, so trials neither deadlock nor oversubscribe. The sweep is a
 parent MLflow run, each trial a child run with the per-round metrics and artifacts of a
@@ -26,6 +26,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from hfedmoe.platform.budgets.drawing import draw_budgets
 from hfedmoe.platform.config import (
     ConfigError,
     ExperimentConfig,
@@ -33,8 +34,8 @@ from hfedmoe.platform.config import (
     parse_config,
     set_dotted,
 )
-from hfedmoe.platform.devices import draw_budgets
-from hfedmoe.platform.simulation import RoundMetrics
+from hfedmoe.platform.engine import Callback, Run
+from hfedmoe.platform.records import RoundMetrics
 
 DRIVER_CPUS = 0.25  # a trial's driver waits on its actors most of the time
 AGGREGATOR_CPUS = 0.01  # placement groups need a non-empty bundle; aggregation is light
@@ -227,7 +228,7 @@ def trial_bundles(cfg: ExperimentConfig, per_trial: float, footprint) -> list[di
     The pools inside the trial are sized by the same function from the same inputs, so
     every actor the trial creates finds its bundle.
     """
-    from hfedmoe.actors.federation import size_pools
+    from hfedmoe.actors.executor import size_pools
 
     device, capacity = client_share(cfg, per_trial)
     fractions = draw_budgets(cfg.budgets, cfg.federation.num_clients, cfg.seed, 1.0)
@@ -303,8 +304,8 @@ def run_sweep(path: str | Path, progress: bool = True) -> SweepResult:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from hfedmoe.actors.federation import connect
-    from hfedmoe.tuning.tracking import experiment_id
+    from hfedmoe.actors.executor import connect
+    from hfedmoe.tracking.mlflow_run import experiment_id
 
     sweep, base_raw = load_sweep(path)
     base = parse_config(base_raw)
@@ -384,6 +385,30 @@ def run_sweep(path: str | Path, progress: bool = True) -> SweepResult:
             ray.shutdown()
 
 
+class TuneReport(Callback):
+    """Reports every round to Tune, with the trial's earlier rounds when it was retried."""
+
+    def __init__(self, trial_id: str, target: float | None) -> None:
+        self.trial_id = trial_id
+        self.target = target
+        self.started = time.perf_counter()
+        self.startup_seconds: float | None = None
+        self.seen: list[RoundMetrics] = []
+
+    def on_run_begin(self, run: Run) -> None:
+        self.seen = list(run.history.rounds)  # a retried trial keeps its earlier rounds
+
+    def after_round(self, run: Run, metrics: RoundMetrics) -> bool:
+        from ray import tune
+
+        if self.startup_seconds is None:  # data, model, actors: all before the first round
+            self.startup_seconds = time.perf_counter() - self.started - metrics.wall_seconds
+        self.seen.append(metrics)
+        progress = _progress(self.seen, self.target, self.trial_id)
+        tune.report({**progress, "startup_seconds": self.startup_seconds})
+        return False
+
+
 def _trial(
     params: dict[str, Any],
     sweep: SweepConfig,
@@ -397,8 +422,8 @@ def _trial(
     """One trial: a federation on the trial's placement group, reporting every round."""
     from ray import tune
 
-    from hfedmoe.actors.federation import run_federation
-    from hfedmoe.platform.checkpoint import history_from_json, load_checkpoint
+    from hfedmoe.launch import launch
+    from hfedmoe.platform.checkpoint import load_checkpoint
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(sweep, base, params)
@@ -412,29 +437,17 @@ def _trial(
         }
     )
     run_dir = Path(sweep_dir) / "trials" / trial_id
-    # A retried trial continues from its last completed round, with its earlier rounds.
-    checkpoint = load_checkpoint(run_dir)
-    resume = run_dir if checkpoint is not None else None
-    seen: list[RoundMetrics] = []
-    if checkpoint is not None:
-        seen = history_from_json(checkpoint[1]["history"]).rounds
+    # A retried trial continues from its last completed round.
+    resume = run_dir if load_checkpoint(run_dir) is not None else None
     device, capacity = client_share(cfg, per_trial)
     target = sweep.target_accuracy or cfg.federation.target_accuracy
-    started, startup = time.perf_counter(), []
-
-    def report(metrics: RoundMetrics, _state) -> None:
-        if not startup:  # data, model, actors: everything before this attempt's first round
-            startup.append(time.perf_counter() - started - metrics.wall_seconds)
-        seen.append(metrics)
-        tune.report({**_progress(seen, target, trial_id), "startup_seconds": startup[0]})
-
-    run_federation(
+    launch(
         None if resume else cfg,
         run_dir=run_dir,
         resume=resume,
         progress=False,
         parent_run_id=parent_run_id,
-        on_round=report,
+        callbacks=[TuneReport(trial_id, target)],
         placement=(device, capacity, 0.0),
     )
 

@@ -6,11 +6,11 @@ import torch
 from transformers import AutoTokenizer
 
 from hfedmoe.platform.config import ModelConfig
-from hfedmoe.platform.models.adapter import BatchRouting, ModelState, MoEAdapter, TrainableTensors
+from hfedmoe.platform.models.adapter import MoEAdapter, TrainableTensors
 from hfedmoe.platform.models.hf import hf_adapter, pretrained_model, tiny_model
 from hfedmoe.platform.models.upcycle import bundled_minilm_path, upcycled_adapter
 
-__all__ = ["BatchRouting", "MoEAdapter", "ModelState", "TrainableTensors", "build_adapter"]
+__all__ = ["MoEAdapter", "TrainableTensors", "build_adapter"]
 
 
 def build_adapter(cfg: ModelConfig, num_labels: int, seed: int) -> MoEAdapter:

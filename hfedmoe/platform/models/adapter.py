@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from hfedmoe.platform.devices import ModelFootprint
+from hfedmoe.platform.budgets.cost import ModelFootprint
 from hfedmoe.platform.models.experts import BackwardPlan
+from hfedmoe.platform.records import BatchRouting, ModelState
 
 # Reads a router module's forward output: (router logits [..., E], the top-k expert ids the
 # experts compute [..., k], whether each slot really routes its token [..., k]; False where
@@ -133,47 +134,6 @@ class MoELayer:
 
 
 @dataclass
-class BatchRouting:
-    """Routing of one batch, reduced from tokens to samples.
-
-    probs[l, i, e] is G_e(x_i) for MoE layer l: the softmax router probability of expert e
-    averaged over sample i's non-padding tokens (our token-to-sample reduction; the paper
-    defines G per input). routed[l, i, e] says whether e was in the top-k of at least one
-    of sample i's tokens, so E_union is ``routed.any(dim=1)``.
-    """
-
-    probs: torch.Tensor  # [L, B, E] float32
-    routed: torch.Tensor  # [L, B, E] bool
-    token_counts: torch.Tensor  # [L, E] non-padding tokens routed to each expert
-    pair_counts: torch.Tensor  # [L, E] (token, slot) pairs each expert computes, padding included
-
-
-@dataclass
-class ModelState:
-    """The trainable weights that travel between server and clients, as numpy arrays.
-
-    Frozen parameters never change, so they are not part of the state: every party
-    builds them identically from the config and seed.
-    """
-
-    shared: dict[str, np.ndarray]
-    gates: dict[str, np.ndarray]
-    experts: list[dict[str, np.ndarray]]  # per MoE layer: tensor name -> [E, ...]
-
-    def num_bytes(self) -> int:
-        arrays = [*self.shared.values(), *self.gates.values()]
-        arrays += [a for layer in self.experts for a in layer.values()]
-        return int(sum(a.nbytes for a in arrays))
-
-    def copy(self) -> ModelState:
-        return ModelState(
-            shared={k: v.copy() for k, v in self.shared.items()},
-            gates={k: v.copy() for k, v in self.gates.items()},
-            experts=[{k: v.copy() for k, v in layer.items()} for layer in self.experts],
-        )
-
-
-@dataclass
 class TrainableTensors:
     """The leaves a local training session may update, by stable key."""
 
@@ -276,16 +236,6 @@ class MoEAdapter:
                 f"{self.num_layers} MoE layers"
             )
         return logits, reduce_routing(captured, attention_mask, self.num_experts)
-
-    # ---- experts ---------------------------------------------------------------------
-    def get_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        return {n: t.clone() for n, t in self.layers[layer].experts.tensors(expert).items()}
-
-    def set_expert(self, layer: int, expert: int, tensors: dict[str, torch.Tensor]) -> None:
-        store = self.layers[layer].experts
-        if set(tensors) != set(store.names):
-            raise KeyError(f"expert tensors {sorted(tensors)} != {sorted(store.names)}")
-        store.write([expert], {n: t.unsqueeze(0) for n, t in tensors.items()})
 
     # ---- state that travels ----------------------------------------------------------
     def expert_rows(self, layer: int, experts: list[int]) -> dict[str, np.ndarray]:

@@ -10,7 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from hfedmoe.platform.config import ConfigError
+from hfedmoe.platform.errors import ConfigError
 
 
 def free_port() -> int:
@@ -66,6 +66,21 @@ def start_server(
                 time.sleep(0.3)
     process.kill()
     raise RuntimeError(f"mlflow server did not answer on {url} within {timeout_s:.0f} s")
+
+
+def runs_table_urls(url: str) -> dict[str, str]:
+    """Experiment name -> the page of its runs table, for every experiment with runs.
+
+    MLflow 3's UI opens on its GenAI overview; training runs are compared on the runs tab.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=url)
+    return {
+        e.name: f"{url}/#/experiments/{e.experiment_id}/runs"
+        for e in client.search_experiments()
+        if client.search_runs([e.experiment_id], max_results=1)
+    }
 
 
 def stop_server(process: subprocess.Popen, timeout_s: float = 20.0) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
-from hfedmoe.platform.simulation import History
+from hfedmoe.platform.records import History
 
 
 def learning_curves(history: History, path: Path) -> Path:

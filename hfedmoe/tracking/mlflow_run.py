@@ -24,9 +24,11 @@ import yaml
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from hfedmoe.platform.budgets.drawing import budget_summary
 from hfedmoe.platform.config import ExperimentConfig
-from hfedmoe.platform.simulation import History, RoundMetrics
-from hfedmoe.tuning import plots
+from hfedmoe.platform.engine import Callback, Run
+from hfedmoe.platform.records import History, RoundMetrics
+from hfedmoe.tracking import plots
 
 PARENT_TAG = "mlflow.parentRunId"
 _PARAM_LIMIT = 500  # characters MLflow stores reliably in every backend
@@ -61,34 +63,46 @@ def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
     return client.create_experiment(name, artifact_location=location, tags=tags)
 
 
-class RunTracker:
-    """Logs one federation to MLflow through an explicit client and run id."""
+def run_name(cfg: ExperimentConfig) -> str:
+    """What the MLflow UI lists a run as: the experiment name, strategy and seed."""
+    return f"{cfg.name}-{cfg.federation.strategy}-s{cfg.seed}"
 
-    def __init__(
-        self,
-        cfg: ExperimentConfig,
-        run_dir: Path,
-        run_id: str | None = None,
-        parent_run_id: str | None = None,
-    ) -> None:
-        self.uri = cfg.tracking.uri or default_tracking_uri(run_dir)
-        self.client = MlflowClient(tracking_uri=self.uri)
-        if run_id is not None:  # resuming: keep logging into the same run
-            self.run_id = run_id
+
+class MLflowTracking(Callback):
+    """Logs one federation to MLflow through an explicit client and run id.
+
+    The run id is kept in the run's notes, so a resumed run keeps logging into the same
+    MLflow run. The run ends FINISHED, FAILED (an exception) or KILLED (Ctrl-C, SIGTERM).
+    """
+
+    def __init__(self, parent_run_id: str | None = None) -> None:
+        self.parent_run_id = parent_run_id
+        self.client: MlflowClient | None = None
+        self.run_id: str | None = None
+
+    def on_run_begin(self, run: Run) -> None:
+        cfg = run.cfg
+        uri = cfg.tracking.uri or default_tracking_uri(run.run_dir)
+        self.client = MlflowClient(tracking_uri=uri)
+        self.run_id = run.notes.get("mlflow_run_id")
+        if self.run_id is not None:  # resuming: keep logging into the same run
+            self.client.update_run(self.run_id, status="RUNNING")
             return
-        all_tags = {"hfedmoe.strategy": cfg.federation.strategy}
-        if parent_run_id is not None:
-            all_tags[PARENT_TAG] = parent_run_id
-        experiment = experiment_id(self.client, cfg.tracking.experiment, self.uri)
-        run = self.client.create_run(experiment, run_name=cfg.name, tags=all_tags)
-        self.run_id = run.info.run_id
+        tags = {"hfedmoe.strategy": cfg.federation.strategy}
+        if self.parent_run_id is not None:
+            tags[PARENT_TAG] = self.parent_run_id
+        experiment = experiment_id(self.client, cfg.tracking.experiment, uri)
+        self.run_id = self.client.create_run(
+            experiment, run_name=run_name(cfg), tags=tags
+        ).info.run_id
+        run.notes["mlflow_run_id"] = self.run_id
         params = [
             Param(k, v[:_PARAM_LIMIT]) for k, v in flatten(cfg.model_dump(mode="json")).items()
         ]
         for start in range(0, len(params), 100):  # MLflow's per-batch limit
             self.client.log_batch(self.run_id, params=params[start : start + 100])
 
-    def log_round(self, metrics: RoundMetrics) -> None:
+    def after_round(self, run: Run, metrics: RoundMetrics) -> bool:
         stamp = int(time.time() * 1000)
         values = [
             Metric(key, float(value), stamp, metrics.round)
@@ -96,33 +110,49 @@ class RunTracker:
             if key != "round" and value is not None and math.isfinite(float(value))
         ]
         self.client.log_batch(self.run_id, metrics=values)
+        return False
 
-    def log_summary(self, summary: dict[str, float | None]) -> None:
+    def on_run_end(self, run: Run, status: str) -> None:
+        if self.run_id is None:
+            return
+        try:
+            if status == "FINISHED":
+                self._log_summary(run)
+        finally:
+            self.client.set_terminated(self.run_id, status=status)
+
+    def _log_summary(self, run: Run) -> None:
+        cfg, fed = run.cfg, run.fed
         stamp = int(time.time() * 1000)
+        summary = summarise(run.history, cfg.federation.target_accuracy)
         values = [Metric(k, float(v), stamp, 0) for k, v in summary.items() if v is not None]
         self.client.log_batch(self.run_id, metrics=values)
-
-    def log_artifacts(
-        self, cfg: ExperimentConfig, history: History, run_dir: Path, extra: dict[str, Any]
-    ) -> None:
-        """Write the run's figures and records into run_dir/artifacts and upload them."""
-        out = Path(run_dir) / "artifacts"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(
-            yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+        extra = {
+            "split": fed.split,
+            "budgets": budget_summary(fed.budgets),
+            "placement": run.placement,
+            "footprint": asdict(fed.footprint),
+        }
+        self.client.log_artifacts(
+            self.run_id, str(write_artifacts(cfg, run.history, run.run_dir, extra))
         )
-        plots.learning_curves(history, out / "learning_curves.png")
-        plots.usage_heatmap(history, out / "expert_usage.png")
-        plots.selected_vs_budget(history, out / "selected_vs_budget.png")
-        rounds = [asdict(r) for r in history.rounds]
-        (out / "rounds.json").write_text(json.dumps(rounds, indent=1))
-        (out / "clients.json").write_text(json.dumps([asdict(c) for c in history.clients]))
-        for name, payload in extra.items():
-            (out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
-        self.client.log_artifacts(self.run_id, str(out))
 
-    def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+
+def write_artifacts(
+    cfg: ExperimentConfig, history: History, run_dir: Path, extra: dict[str, Any]
+) -> Path:
+    """Write the run's figures and records into run_dir/artifacts; return that folder."""
+    out = Path(run_dir) / "artifacts"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    plots.learning_curves(history, out / "learning_curves.png")
+    plots.usage_heatmap(history, out / "expert_usage.png")
+    plots.selected_vs_budget(history, out / "selected_vs_budget.png")
+    (out / "rounds.json").write_text(json.dumps([asdict(r) for r in history.rounds], indent=1))
+    (out / "clients.json").write_text(json.dumps([asdict(c) for c in history.clients]))
+    for name, payload in extra.items():
+        (out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
+    return out
 
 
 def summarise(history: History, target_accuracy: float | None) -> dict[str, float | None]:

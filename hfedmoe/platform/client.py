@@ -3,26 +3,21 @@
 For every batch the client runs the forward with routing capture, scores the experts of
 the batch (eqs 3-14), picks at most C_budget of the routed ones (eq 15, or a baseline's
 rule), and back-propagates into those experts only (see ``models.experts`` for the exact
-and stop-gradient backward modes). It returns only what it trained plus the statistics the
-server needs (usage, eq 16; importance) and the modelled cost of the round.
+and stop-gradient backward modes). It uploads only what it trained, and reports the statistics
+the server needs (usage, eq 16; importance) and the modelled cost of the round.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.optim.adam import adam
 
-from hfedmoe.platform.config import ExperimentConfig
-from hfedmoe.platform.data import TokenizedText, iterate_batches
-from hfedmoe.platform.devices import (
-    Budget,
+from hfedmoe.platform.budgets.cost import (
     ModelFootprint,
     client_round_seconds,
     compute_seconds,
@@ -30,56 +25,14 @@ from hfedmoe.platform.devices import (
     step_memory_bytes,
     transfer_seconds,
 )
+from hfedmoe.platform.budgets.drawing import Budget
+from hfedmoe.platform.config import ExperimentConfig
+from hfedmoe.platform.data.tokenisation import TokenizedText, iterate_batches
 from hfedmoe.platform.flops import StepFlops
 from hfedmoe.platform.models.adapter import MoEAdapter
+from hfedmoe.platform.records import ClientReport, ClientUpload, ModelState
 from hfedmoe.platform.selection import batch_importance
-from hfedmoe.platform.strategies import Strategy, get_strategy
-
-
-@dataclass
-class ClientUpdate:
-    """What a client sends back: the tensors it trained plus statistics and modelled cost."""
-
-    client_id: int
-    num_samples: int  # |D_c|, the aggregation weight
-    shared: dict[str, np.ndarray] = field(default_factory=dict)
-    gates: dict[str, np.ndarray] = field(default_factory=dict)
-    # Per MoE layer: "index" -> int64 [k] expert ids, then tensor name -> [k, ...].
-    experts: list[dict[str, np.ndarray]] = field(default_factory=list)
-    usage: np.ndarray | None = None  # [L, E] u_c(e), eq 16
-    importance: np.ndarray | None = None  # [L, E] s_c(e), eq 5 averaged over batches
-    trained: np.ndarray | None = None  # [L, E] experts this client really updated
-    loss: float = math.nan
-    steps: int = 0
-    experts_per_step: float = 0.0  # mean over steps of the experts that got a gradient
-    experts_per_step_max: int = 0
-    capacity: int = 0  # C_budget, in the configured scope (per layer or over all layers)
-    step_limit: int = 0  # experts one step may train, over all layers
-    flops: float = 0.0
-    memory_bytes: float = 0.0  # modelled peak of a step
-    measured_peak_bytes: float | None = None  # on GPU: allocator peak under the enforced cap
-    compute_seconds: float = 0.0
-    bytes_down: int = 0
-    bytes_up: int = 0
-    seconds: float = 0.0  # simulated wall-clock: download + compute + upload
-    wall_seconds: float = 0.0  # real time this client's training took in its process
-    failure: str | None = None  # "oom", "deadline", "non_finite", "lost"
-
-    @property
-    def failed(self) -> bool:
-        return self.failure is not None
-
-    def arrays(self) -> list[np.ndarray]:
-        tensors = [*self.shared.values(), *self.gates.values()]
-        tensors += [a for layer in self.experts for k, a in layer.items() if k != "index"]
-        return tensors
-
-    def is_finite(self) -> bool:
-        return all(np.isfinite(a).all() for a in self.arrays()) and math.isfinite(self.loss)
-
-    def without_tensors(self) -> ClientUpdate:
-        """The statistics alone: what bookkeeping keeps and what the Ray driver fetches."""
-        return dataclasses.replace(self, shared={}, gates={}, experts=[])
+from hfedmoe.platform.strategies import make_strategy
 
 
 class ExpertAdamW:
@@ -135,15 +88,6 @@ class ExpertAdamW:
             t.grad = None
 
 
-def planned_experts(strategy: Strategy, capacity: int, total: int) -> int:
-    """Experts one step may train under this strategy: what the memory check must hold."""
-    if strategy.selection == "all":
-        return total
-    if strategy.selection == "none":
-        return 0
-    return capacity
-
-
 def client_seed(seed: int, round_index: int, client_id: int) -> list[int]:
     """Entropy for a client's round: the same triple reproduces the same local training."""
     return [seed, round_index, client_id]
@@ -178,7 +122,7 @@ class LocalTrainer:
         self.data = train_data
         self.footprint = footprint
         self.cfg = cfg
-        self.strategy = get_strategy(cfg.federation.strategy)
+        self.strategy = make_strategy(cfg.federation.strategy, cfg.hfedmoe)
         self.stop_gradient = cfg.federation.backward == "stop_gradient"
         self.flops = StepFlops(adapter.matmul_params_per_expert(), self.stop_gradient)
         self.device = next(adapter.model.parameters()).device
@@ -191,32 +135,33 @@ class LocalTrainer:
         budget: Budget,
         round_index: int,
         bytes_down: int,
-    ) -> ClientUpdate:
-        """One local round on the weights the adapter holds now (the global model)."""
+    ) -> tuple[ClientUpload | None, ClientReport]:
+        """One local round on the weights the adapter holds now (the global model).
+
+        Returns the upload (None when the client ran out of memory) and the report.
+        """
         started = time.perf_counter()
-        update = self._train(client_id, indices, budget, round_index, bytes_down)
-        update.wall_seconds = time.perf_counter() - started
-        return update
+        upload, report = self._train(client_id, indices, budget, round_index, bytes_down)
+        report.wall_seconds = time.perf_counter() - started
+        return upload, report
 
     def _train(
         self, client_id: int, indices: np.ndarray, budget: Budget, round_index: int, bytes_down: int
-    ) -> ClientUpdate:
+    ) -> tuple[ClientUpload | None, ClientReport]:
         adapter, fp, hp = self.adapter, self.footprint, self.cfg.hfedmoe
         batch_size = self.cfg.federation.batch_size
-        update = ClientUpdate(client_id, len(indices), bytes_down=bytes_down)
-        update.capacity = expert_capacity(
+        report = ClientReport(client_id, len(indices), bytes_down=bytes_down)
+        report.capacity = expert_capacity(
             fp, budget.memory_bytes, batch_size, hp.budget_scope, budget.max_experts
         )
         # Eq 15's C_budget counts experts over all layers; per_layer scope means C per layer.
         layers = adapter.num_layers if hp.budget_scope == "per_layer" else 1
-        update.step_limit = planned_experts(
-            self.strategy, update.capacity * layers, fp.num_experts_total
-        )
-        update.memory_bytes = step_memory_bytes(fp, update.step_limit, batch_size, self.zero_stage)
-        if update.memory_bytes > budget.memory_bytes:
+        report.step_limit = self.strategy.step_limit(report.capacity * layers, fp.num_experts_total)
+        report.memory_bytes = step_memory_bytes(fp, report.step_limit, batch_size, self.zero_stage)
+        if report.memory_bytes > budget.memory_bytes:
             # The device runs out of memory in its first step: the update is lost, and
             # the client spent the download.
-            return _failed(update, "oom", budget)
+            return None, _out_of_memory(report, budget)
 
         rng = np.random.default_rng(client_seed(self.cfg.seed, round_index, client_id))
         on_gpu = self.device.type == "cuda"
@@ -229,41 +174,43 @@ class LocalTrainer:
             # trace on every call (~0.14 ms per client); the CPU generator state is the same.
             torch.default_generator.manual_seed(dropout_seed)
         try:
-            tally = self._local_steps(indices, update.capacity, rng)
+            tally = self._local_steps(indices, report.capacity, rng)
         except torch.cuda.OutOfMemoryError:
-            return _failed(update, "oom", budget)  # measured, under the enforced cap
+            return None, _out_of_memory(report, budget)  # measured, under the enforced cap
         finally:
             if on_gpu:
-                update.measured_peak_bytes = float(torch.cuda.max_memory_allocated(self.device))
+                report.measured_peak_bytes = float(torch.cuda.max_memory_allocated(self.device))
 
-        update.steps = tally.steps
-        update.loss = tally.loss_sum / max(tally.samples, 1)
-        update.usage = (tally.prob_sum / max(tally.samples, 1)).numpy()  # eq 16, samples seen
-        update.importance = (tally.importance_sum / max(tally.steps, 1)).numpy()
-        update.trained = tally.trained.numpy()
-        update.experts_per_step = tally.selected / max(tally.steps, 1)
-        update.experts_per_step_max = tally.selected_max
-        update.shared = adapter.named_arrays(adapter.shared_names)
-        update.gates = adapter.named_arrays(adapter.gate_names)
+        report.steps = tally.steps
+        report.loss = tally.loss_sum / max(tally.samples, 1)
+        report.usage = (tally.prob_sum / max(tally.samples, 1)).numpy()  # eq 16, samples seen
+        report.importance = (tally.importance_sum / max(tally.steps, 1)).numpy()
+        report.trained = tally.trained.numpy()
+        report.experts_per_step = tally.selected / max(tally.steps, 1)
+        report.experts_per_step_max = tally.selected_max
+        upload = ClientUpload(
+            shared=adapter.named_arrays(adapter.shared_names),
+            gates=adapter.named_arrays(adapter.gate_names),
+        )
         for layer in range(adapter.num_layers):
-            index = np.flatnonzero(update.trained[layer])
-            update.experts.append({"index": index, **adapter.expert_rows(layer, index.tolist())})
-        update.flops = tally.flops
-        update.bytes_up = int(sum(a.nbytes for a in update.arrays()))
-        update.compute_seconds = compute_seconds(tally.flops, budget.flops_per_s)
-        update.seconds = client_round_seconds(
+            index = np.flatnonzero(report.trained[layer])
+            upload.experts.append({"index": index, **adapter.expert_rows(layer, index.tolist())})
+        report.flops = tally.flops
+        report.bytes_up = upload.num_bytes()
+        report.compute_seconds = compute_seconds(tally.flops, budget.flops_per_s)
+        report.seconds = client_round_seconds(
             tally.flops,
             bytes_down,
-            update.bytes_up,
+            report.bytes_up,
             budget.flops_per_s,
             budget.down_bytes_per_s,
             budget.up_bytes_per_s,
         )
-        return update
+        return upload, report
 
     def _local_steps(self, indices: np.ndarray, capacity: int, rng: np.random.Generator) -> _Tally:
         """The local steps; ``capacity`` is C_budget in the configured scope (eq 15)."""
-        adapter, strategy, hp = self.adapter, self.strategy, self.cfg.hfedmoe
+        adapter, strategy = self.adapter, self.strategy
         layers_by_experts = (adapter.num_layers, adapter.num_experts)
         tally = _Tally(
             prob_sum=torch.zeros(layers_by_experts, dtype=torch.float64),
@@ -281,7 +228,7 @@ class LocalTrainer:
                     batch["input_ids"], batch["attention_mask"], capture_routing=True
                 )
                 loss = F.cross_entropy(logits, batch["labels"])
-                active = strategy.select_experts(routing, capacity, hp, rng)
+                active = strategy.select_experts(routing, capacity, rng)
                 adapter.set_active_experts(active)
                 step_tensors = leaves.for_step(active)
                 torch.autograd.backward(loss, inputs=list(step_tensors.values()))
@@ -337,10 +284,10 @@ class LocalTrainer:
                 yield batch
 
 
-def _failed(update: ClientUpdate, failure: str, budget: Budget) -> ClientUpdate:
-    update.failure = failure
-    update.seconds = transfer_seconds(update.bytes_down, budget.down_bytes_per_s)
-    return update
+def _out_of_memory(report: ClientReport, budget: Budget) -> ClientReport:
+    report.out_of_memory = True
+    report.seconds = transfer_seconds(report.bytes_down, budget.down_bytes_per_s)
+    return report
 
 
 def _cap_gpu_memory(device: torch.device, memory_bytes: float) -> None:
@@ -356,12 +303,24 @@ def _cap_gpu_memory(device: torch.device, memory_bytes: float) -> None:
     torch.cuda.reset_peak_memory_stats(device)
 
 
-def make_trainer(
-    adapter: MoEAdapter, train_data: TokenizedText, footprint: ModelFootprint, cfg: ExperimentConfig
-) -> LocalTrainer:
-    """The trainer of the configured engine (``federation.engine``)."""
-    if cfg.federation.engine == "deepspeed":
-        from hfedmoe.platform.zero import DeepSpeedTrainer
+def train_client(
+    trainer: LocalTrainer,
+    client_id: int,
+    indices: np.ndarray,
+    budget: Budget,
+    round_index: int,
+    state: ModelState,
+    bytes_down: int,
+) -> tuple[ClientUpload | None, ClientReport]:
+    """A client's round on any executor: from the global state, with injected corruption.
 
-        return DeepSpeedTrainer(adapter, train_data, footprint, cfg)
-    return LocalTrainer(adapter, train_data, footprint, cfg)
+    ``faults.corrupt`` turns a finished upload into NaN (for robustness experiments and the
+    screening tests); crash and hang faults belong to executors that have processes to lose.
+    """
+    trainer.adapter.load_state(state)
+    upload, report = trainer.train(client_id, indices, budget, round_index, bytes_down)
+    if upload is not None and (round_index, client_id) in trainer.cfg.faults.corrupt:
+        target = upload.shared or upload.gates
+        name = next(iter(target))
+        target[name] = np.full_like(target[name], np.nan)
+    return upload, report

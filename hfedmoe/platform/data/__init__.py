@@ -1,0 +1,1 @@
+"""Data: corpora and splits, client partitions, tokenisation and batching."""

@@ -1,0 +1,56 @@
+"""The in-process executor: a round's clients one after another on one model, no Ray.
+
+The reference the Ray executor must match bit for bit: the same trainer, the same
+``train_client``, the same aggregator, the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from hfedmoe.platform.aggregation import RoundAggregator
+from hfedmoe.platform.client import LocalTrainer, train_client
+from hfedmoe.platform.config import ExperimentConfig
+from hfedmoe.platform.engine import Callback, RoundResult, Run, run
+from hfedmoe.platform.federation import Federation, make_trainer
+from hfedmoe.platform.models import MoEAdapter
+from hfedmoe.platform.records import ModelState
+
+
+class InProcessExecutor:
+    """Trains clients sequentially on the engine's own model instance."""
+
+    def __init__(self) -> None:
+        self.fed: Federation | None = None
+        self.trainer: LocalTrainer | None = None
+
+    def open(self, fed: Federation, adapter: MoEAdapter) -> dict[str, Any]:
+        self.fed = fed
+        self.trainer = make_trainer(adapter, fed.train, fed.footprint, fed.cfg)
+        return {"executor": "in_process"}
+
+    def run_round(self, round_index: int, clients: list[int], state: ModelState) -> RoundResult:
+        fed, cfg = self.fed, self.fed.cfg
+        aggregator = RoundAggregator(
+            state, self.trainer.strategy, cfg.hfedmoe.tau, cfg.federation.round_deadline_s
+        )
+        bytes_down = state.num_bytes()
+        reports = []
+        for client in clients:
+            upload, report = train_client(
+                self.trainer, client, fed.shards[client], fed.budgets[client], round_index,
+                state, bytes_down,
+            )  # fmt: skip
+            aggregator.offer(report, upload)
+            reports.append(report)
+        new_state, aggregation = aggregator.finalize()
+        return RoundResult(new_state, reports, aggregation)
+
+    def close(self) -> None:
+        self.trainer = None
+
+
+def run_in_process(cfg: ExperimentConfig, callbacks: Sequence[Callback] = ()) -> Run:
+    """A whole federation in this process, writing nothing (tests, benchmarks, notebooks)."""
+    return run(cfg, InProcessExecutor(), callbacks)

@@ -1,0 +1,199 @@
+"""The types every layer shares: model state, routing, client uploads and reports, history.
+
+A leaf module (numpy and torch only), so that models, strategies, aggregation, executors
+and tracking can all speak of the same records without importing each other.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class ModelState:
+    """The trainable weights that travel between server and clients, as numpy arrays.
+
+    Frozen parameters never change, so they are not part of the state: every party
+    builds them identically from the config and seed.
+    """
+
+    shared: dict[str, np.ndarray]
+    gates: dict[str, np.ndarray]
+    experts: list[dict[str, np.ndarray]]  # per MoE layer: tensor name -> [E, ...]
+
+    def num_bytes(self) -> int:
+        arrays = [*self.shared.values(), *self.gates.values()]
+        arrays += [a for layer in self.experts for a in layer.values()]
+        return int(sum(a.nbytes for a in arrays))
+
+
+@dataclass
+class BatchRouting:
+    """Routing of one batch, reduced from tokens to samples.
+
+    probs[l, i, e] is G_e(x_i) for MoE layer l: the softmax router probability of expert e
+    averaged over sample i's non-padding tokens (our token-to-sample reduction; the paper
+    defines G per input). routed[l, i, e] says whether e was in the top-k of at least one
+    of sample i's tokens, so E_union is ``routed.any(dim=1)``.
+    """
+
+    probs: torch.Tensor  # [L, B, E] float32
+    routed: torch.Tensor  # [L, B, E] bool
+    token_counts: torch.Tensor  # [L, E] non-padding tokens routed to each expert
+    pair_counts: torch.Tensor  # [L, E] (token, slot) pairs each expert computes, padding included
+
+    @property
+    def union(self) -> torch.Tensor:
+        """E_union: [L, E] experts routed by any sample of the batch."""
+        return self.routed.any(dim=1)
+
+
+@dataclass
+class ClientUpload:
+    """The tensors a client sends: what it trained, nothing else."""
+
+    shared: dict[str, np.ndarray] = field(default_factory=dict)
+    gates: dict[str, np.ndarray] = field(default_factory=dict)
+    # Per MoE layer: "index" -> int64 [k] expert ids, then tensor name -> [k, ...].
+    experts: list[dict[str, np.ndarray]] = field(default_factory=list)
+
+    def arrays(self) -> list[np.ndarray]:
+        tensors = [*self.shared.values(), *self.gates.values()]
+        tensors += [a for layer in self.experts for k, a in layer.items() if k != "index"]
+        return tensors
+
+    def num_bytes(self) -> int:
+        return int(sum(a.nbytes for a in self.arrays()))
+
+    def is_finite(self) -> bool:
+        return all(np.isfinite(a).all() for a in self.arrays())
+
+
+FAILURES = ("oom", "deadline", "non_finite", "lost")
+
+
+@dataclass
+class ClientReport:
+    """What a client reports besides its tensors: statistics, modelled cost, outcome.
+
+    ``out_of_memory`` and ``lost`` are facts (the trainer ran out of modelled or enforced
+    memory; the executor never got the client back). ``failure`` is the verdict, written
+    only by ``aggregation.screen``.
+    """
+
+    client_id: int
+    num_samples: int  # |D_c|, the aggregation weight
+    usage: np.ndarray | None = None  # [L, E] u_c(e), eq 16
+    importance: np.ndarray | None = None  # [L, E] s_c(e), eq 5 averaged over batches
+    trained: np.ndarray | None = None  # [L, E] experts this client really updated
+    loss: float = math.nan
+    steps: int = 0
+    experts_per_step: float = 0.0  # mean over steps of the experts that got a gradient
+    experts_per_step_max: int = 0
+    capacity: int = 0  # C_budget, in the configured scope (per layer or over all layers)
+    step_limit: int = 0  # experts one step may train, over all layers
+    flops: float = 0.0
+    memory_bytes: float = 0.0  # modelled peak of a step
+    measured_peak_bytes: float | None = None  # on GPU: allocator peak under the enforced cap
+    compute_seconds: float = 0.0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    seconds: float = 0.0  # simulated wall-clock: download + compute + upload
+    wall_seconds: float = 0.0  # real time this client's training took in its process
+    out_of_memory: bool = False
+    lost: bool = False
+    failure: str | None = None  # one of FAILURES, or None
+
+    @property
+    def failed(self) -> bool:
+        return self.failure is not None
+
+
+@dataclass
+class RoundMetrics:
+    """One round, as logged. All but the two wall-clock fields is deterministic per seed."""
+
+    round: int
+    sampled: int
+    succeeded: int
+    failed_oom: int
+    failed_deadline: int
+    failed_non_finite: int
+    failed_lost: int
+    train_loss: float
+    accuracy: float | None
+    test_loss: float | None
+    experts_per_step: float  # mean over successful clients
+    experts_trained: float  # mean distinct experts a successful client updated
+    experts_updated: int  # experts whose global value changed this round
+    routing_consistency: float  # mean r(c), eq 18
+    bytes_down: int
+    bytes_up: int
+    client_flops: float
+    client_wall_seconds: float  # real time the clients' training took, summed
+    round_seconds: float  # simulated
+    simulated_seconds: float  # cumulative simulated clock
+    wall_seconds: float = 0.0
+
+    def deterministic(self) -> dict[str, Any]:
+        values = asdict(self)
+        values.pop("wall_seconds")
+        values.pop("client_wall_seconds")
+        return values
+
+
+@dataclass
+class ClientRecord:
+    """One client's round, for the per-client plots and tables."""
+
+    round: int
+    client: int
+    tier: str
+    capacity: int  # C_budget in the configured scope
+    step_limit: int  # experts one step may train, over all layers
+    experts_per_step: float
+    experts_per_step_max: int
+    experts_trained: int
+    loss: float
+    seconds: float
+    failure: str | None
+    memory_bytes: float = 0.0  # modelled peak of a step
+    measured_peak_bytes: float | None = None  # on GPU: the allocator's peak under the cap
+
+
+@dataclass
+class History:
+    rounds: list[RoundMetrics] = field(default_factory=list)
+    clients: list[ClientRecord] = field(default_factory=list)
+    usage: list[np.ndarray] = field(default_factory=list)  # per round: mean u_c(e), [L, E]
+
+    def final_accuracy(self) -> float | None:
+        evaluated = [r.accuracy for r in self.rounds if r.accuracy is not None]
+        return evaluated[-1] if evaluated else None
+
+    def time_to_accuracy(self, target: float) -> tuple[int | None, float | None]:
+        """First round and simulated seconds at which accuracy reached ``target``."""
+        for r in self.rounds:
+            if r.accuracy is not None and r.accuracy >= target:
+                return r.round, r.simulated_seconds
+        return None, None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rounds": [asdict(r) for r in self.rounds],
+            "clients": [asdict(c) for c in self.clients],
+            "usage": [u.tolist() for u in self.usage],
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> History:
+        return cls(
+            rounds=[RoundMetrics(**r) for r in raw["rounds"]],
+            clients=[ClientRecord(**c) for c in raw["clients"]],
+            usage=[np.asarray(u) for u in raw["usage"]],
+        )
