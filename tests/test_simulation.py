@@ -150,10 +150,15 @@ def test_every_strategy_runs_within_its_rules(name):
     metrics = history.rounds[0]
     assert metrics.accuracy is not None and 0.0 <= metrics.accuracy <= 1.0
     ok = [c for c in history.clients if c.failure is None]
+    assert all(0.0 <= c.admitted_share <= 1.0 and c.routed_per_step > 0 for c in ok)
     if name == "flex":
         assert all(c.experts_trained == 0 for c in ok) and metrics.experts_updated == 0
+        assert metrics.admitted_share == 0.0
     elif name == "fedavg_full":
         assert metrics.failed_oom > 0
+    elif name == "moe_all_routed":  # every routed expert, when the union fits
+        assert ok and all(c.admitted_share == 1.0 for c in ok)
+        assert all(c.experts_per_step_max <= c.step_limit for c in ok)
     else:
         assert ok and all(c.experts_per_step_max <= c.step_limit for c in ok)
         assert metrics.experts_updated > 0
@@ -191,3 +196,44 @@ def test_client_sampling_is_seeded_and_without_replacement():
     assert len(set(a)) == 100 and max(a) < 100_000
     assert a == sample_clients(100_000, 100, seed=3, round_index=5)
     assert a != sample_clients(100_000, 100, seed=3, round_index=6)
+
+
+def test_moe_all_routed_fails_exactly_when_a_steps_routed_union_does_not_fit():
+    """One local step: the client survives a budget of |E_union| experts, not one less."""
+    from hfedmoe.platform.budgets.drawing import Budget
+    from hfedmoe.platform.federation import make_trainer
+
+    cfg = tiny_config(strategy="moe_all_routed", max_local_steps=1)
+    fed, adapter = build_federation(cfg)
+    trainer = make_trainer(adapter, fed.train, fed.footprint, cfg)
+    state, batch = adapter.state(), cfg.federation.batch_size
+
+    def train(experts_that_fit: int):
+        memory = step_memory_bytes(fed.footprint, experts_that_fit, batch)
+        budget = Budget("hand", "synthetic", memory, 1e11, 1e6, 1e6, None, 1.0)
+        adapter.load_state(state)
+        return trainer.train(0, fed.shards[0], budget, 0, state.num_bytes())
+
+    _, ample = train(fed.footprint.num_experts_total)
+    union = ample.experts_per_step_max  # one step that trains its whole routed union
+    assert union == ample.routed_per_step and 1 < union <= fed.footprint.num_experts_total
+    upload, fits = train(union)
+    assert upload is not None and not fits.out_of_memory and fits.step_limit == union
+    upload, short = train(union - 1)
+    assert upload is None and short.out_of_memory and short.steps == 0
+    # The failed client spent its download and nothing else (its one step never ran).
+    assert short.seconds == pytest.approx(state.num_bytes() / 1e6, rel=1e-12)
+
+
+def test_admitted_share_shows_where_budgets_bind():
+    history, _ = run_simulation(tiny_config(rounds=1))
+    weak = [c for c in history.clients if c.tier == "weak" and c.failure is None]
+    strong = [c for c in history.clients if c.tier == "strong" and c.failure is None]
+    # weak clients train 3 of the experts a batch routes to (more than 3: top-2 of 4 in
+    # two layers over a batch), strong ones every routed expert.
+    assert weak and all(c.admitted_share < 1.0 for c in weak)
+    assert all(c.experts_per_step_max <= 3 < c.routed_per_step for c in weak)
+    assert strong and all(c.admitted_share == 1.0 for c in strong)
+    metrics = history.rounds[0]
+    shares = [c.admitted_share for c in weak + strong]
+    assert metrics.admitted_share == pytest.approx(np.mean(shares), rel=1e-12)

@@ -12,7 +12,7 @@ from hfedmoe.platform.config import ConfigError, HFedMoEConfig, parse_config
 from hfedmoe.platform.records import BatchRouting
 from hfedmoe.platform.strategies import STRATEGIES, Strategy, make_strategy
 
-BUDGETED = [n for n in STRATEGIES if n not in ("fedavg_full", "flex")]
+BUDGETED = [n for n, s in STRATEGIES.items() if s.trains == "selected"]
 
 
 def _routing(probs, routed, token_counts) -> BatchRouting:
@@ -158,6 +158,9 @@ def test_every_strategy_respects_capacity_and_union(scope):
                 if name == "fedavg_full":
                     assert mask.all()
                     continue
+                if name == "moe_all_routed":
+                    assert torch.equal(mask, union)
+                    continue
                 if name == "flex":
                     assert not mask.any()
                     continue
@@ -179,6 +182,7 @@ BUILT_IN = {
     "fedavg_full": ("all", False, False),
     "budget_random": ("selected", False, False),
     "budget_top_usage": ("selected", False, False),
+    "moe_all_routed": ("routed", False, False),
     "flex": ("none", False, False),
 }
 
@@ -201,6 +205,7 @@ def test_step_limit_follows_what_a_strategy_trains():
     assert make_strategy("hfedmoe", hp).step_limit(5, 48) == 5
     assert make_strategy("fedavg_full", hp).step_limit(5, 48) == 48
     assert make_strategy("flex", hp).step_limit(5, 48) == 0
+    assert make_strategy("moe_all_routed", hp).step_limit(5, 48) == 5  # what fits
 
 
 def test_unknown_strategy_is_rejected_with_the_choices():

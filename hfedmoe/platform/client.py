@@ -105,7 +105,10 @@ class _Tally:
     loss_sum: float = 0.0
     selected: int = 0
     selected_max: int = 0
+    routed: int = 0  # sum over steps of |E_union|
+    admitted: float = 0.0  # sum over steps of min(step limit, |E_union|) / |E_union|
     flops: float = 0.0
+    out_of_memory: bool = False  # a step's routed union did not fit (moe_all_routed)
 
 
 class LocalTrainer:
@@ -174,7 +177,7 @@ class LocalTrainer:
             # trace on every call (~0.14 ms per client); the CPU generator state is the same.
             torch.default_generator.manual_seed(dropout_seed)
         try:
-            tally = self._local_steps(indices, report.capacity, rng)
+            tally = self._local_steps(indices, report.capacity, report.step_limit, rng)
         except torch.cuda.OutOfMemoryError:
             return None, _out_of_memory(report, budget)  # measured, under the enforced cap
         finally:
@@ -182,12 +185,23 @@ class LocalTrainer:
                 report.measured_peak_bytes = float(torch.cuda.max_memory_allocated(self.device))
 
         report.steps = tally.steps
+        report.flops = tally.flops
+        report.compute_seconds = compute_seconds(tally.flops, budget.flops_per_s)
+        if tally.out_of_memory:
+            # A step's routed union did not fit: the update is lost, the steps before it
+            # and the download were spent (paper Fig. 3b).
+            report.out_of_memory = True
+            report.seconds = transfer_seconds(bytes_down, budget.down_bytes_per_s)
+            report.seconds += report.compute_seconds
+            return None, report
         report.loss = tally.loss_sum / max(tally.samples, 1)
         report.usage = (tally.prob_sum / max(tally.samples, 1)).numpy()  # eq 16, samples seen
         report.importance = (tally.importance_sum / max(tally.steps, 1)).numpy()
         report.trained = tally.trained.numpy()
         report.experts_per_step = tally.selected / max(tally.steps, 1)
         report.experts_per_step_max = tally.selected_max
+        report.routed_per_step = tally.routed / max(tally.steps, 1)
+        report.admitted_share = tally.admitted / max(tally.steps, 1)
         upload = ClientUpload(
             shared=adapter.named_arrays(adapter.shared_names),
             gates=adapter.named_arrays(adapter.gate_names),
@@ -195,9 +209,7 @@ class LocalTrainer:
         for layer in range(adapter.num_layers):
             index = np.flatnonzero(report.trained[layer])
             upload.experts.append({"index": index, **adapter.expert_rows(layer, index.tolist())})
-        report.flops = tally.flops
         report.bytes_up = upload.num_bytes()
-        report.compute_seconds = compute_seconds(tally.flops, budget.flops_per_s)
         report.seconds = client_round_seconds(
             tally.flops,
             bytes_down,
@@ -208,8 +220,11 @@ class LocalTrainer:
         )
         return upload, report
 
-    def _local_steps(self, indices: np.ndarray, capacity: int, rng: np.random.Generator) -> _Tally:
-        """The local steps; ``capacity`` is C_budget in the configured scope (eq 15)."""
+    def _local_steps(
+        self, indices: np.ndarray, capacity: int, step_limit: int, rng: np.random.Generator
+    ) -> _Tally:
+        """The local steps; ``capacity`` is C_budget in the configured scope (eq 15),
+        ``step_limit`` the experts a step can train within the client's memory."""
         adapter, strategy = self.adapter, self.strategy
         layers_by_experts = (adapter.num_layers, adapter.num_experts)
         tally = _Tally(
@@ -229,6 +244,9 @@ class LocalTrainer:
                 )
                 loss = F.cross_entropy(logits, batch["labels"])
                 active = strategy.select_experts(routing, capacity, rng)
+                if strategy.trains == "routed" and int(active.sum()) > step_limit:
+                    tally.out_of_memory = True  # this step's routed union does not fit
+                    break
                 adapter.set_active_experts(active)
                 step_tensors = leaves.for_step(active)
                 torch.autograd.backward(loss, inputs=list(step_tensors.values()))
@@ -251,6 +269,11 @@ class LocalTrainer:
         selected = int(trained.sum())
         tally.selected += selected
         tally.selected_max = max(tally.selected_max, selected)
+        routed = int(routing.union.sum())
+        tally.routed += routed
+        # The share of the routed union this step trains: what the budget admits of it
+        # (1: nothing binds; budgeted selection trains min(C_budget, |E_union|)).
+        tally.admitted += selected / routed if routed else 1.0
 
     def _throwaway_step(self, batch, leaves) -> tuple[torch.Tensor, torch.Tensor]:
         """A forward and backward with no expert trained, for FLOP calibration only.

@@ -155,8 +155,9 @@ class FederationConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> FederationConfig:
-        if self.engine == "deepspeed" and STRATEGIES[self.strategy].trains == "selected":
-            fixed = [n for n, s in STRATEGIES.items() if s.trains != "selected"]
+        fixed_set = ("all", "none")
+        if self.engine == "deepspeed" and STRATEGIES[self.strategy].trains not in fixed_set:
+            fixed = [n for n, s in STRATEGIES.items() if s.trains in fixed_set]
             raise ValueError(
                 f"federation.engine=deepspeed supports {', '.join(fixed)}, not "
                 f"{self.strategy}: ZeRO flattens parameters into partitions, while per-batch "

@@ -149,6 +149,9 @@ def round_metrics(
         experts_trained=_mean([float(r.trained.sum()) for r in ok]),
         experts_updated=result.aggregation.experts_updated,
         routing_consistency=result.aggregation.mean_consistency,
+        routed_per_step=_mean([r.routed_per_step for r in ok]),
+        admitted_share=_mean([r.admitted_share for r in ok]),
+        admitted_share_sd=float(np.std([r.admitted_share for r in ok])) if ok else 0.0,
         bytes_down=sum(r.bytes_down for r in reports),
         bytes_up=sum(r.bytes_up for r in ok),
         client_flops=sum(r.flops for r in reports),
@@ -177,6 +180,8 @@ def record_round(history: History, fed: Federation, metrics: RoundMetrics, repor
                 failure=r.failure,
                 memory_bytes=r.memory_bytes,
                 measured_peak_bytes=r.measured_peak_bytes,
+                routed_per_step=r.routed_per_step,
+                admitted_share=r.admitted_share,
             )
         )
     usage = [r.usage for r in reports if not r.failed]

@@ -95,6 +95,8 @@ class ClientReport:
     steps: int = 0
     experts_per_step: float = 0.0  # mean over steps of the experts that got a gradient
     experts_per_step_max: int = 0
+    routed_per_step: float = 0.0  # mean over steps of |E_union|, the batch's routed experts
+    admitted_share: float = 0.0  # mean over steps of trained / |E_union| (1: nothing binds)
     capacity: int = 0  # C_budget, in the configured scope (per layer or over all layers)
     step_limit: int = 0  # experts one step may train, over all layers
     flops: float = 0.0
@@ -132,6 +134,9 @@ class RoundMetrics:
     experts_trained: float  # mean distinct experts a successful client updated
     experts_updated: int  # experts whose global value changed this round
     routing_consistency: float  # mean r(c), eq 18
+    routed_per_step: float  # mean |E_union| of a step, over successful clients
+    admitted_share: float  # mean share of the routed union a step trains (1: nothing binds)
+    admitted_share_sd: float  # its spread over successful clients
     bytes_down: int
     bytes_up: int
     client_flops: float
@@ -163,6 +168,8 @@ class ClientRecord:
     seconds: float
     failure: str | None
     memory_bytes: float = 0.0  # modelled peak of a step
+    routed_per_step: float = 0.0  # mean |E_union| of its steps
+    admitted_share: float = 0.0  # mean share of the routed union its steps trained
     measured_peak_bytes: float | None = None  # on GPU: the allocator's peak under the cap
 
 

@@ -79,7 +79,9 @@ class DeepSpeedTrainer(LocalTrainer):
         self.zero_stage = self.cfg.federation.zero_stage
         init_single_process_world()
 
-    def _local_steps(self, indices: np.ndarray, per_step: int, rng: np.random.Generator) -> _Tally:
+    def _local_steps(
+        self, indices: np.ndarray, capacity: int, step_limit: int, rng: np.random.Generator
+    ) -> _Tally:
         import deepspeed
 
         fed = self.cfg.federation

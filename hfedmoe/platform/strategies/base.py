@@ -30,8 +30,10 @@ class Strategy:
 
     name: ClassVar[str]
     # "selected": at most C_budget experts a step; "all": every expert, budget ignored;
-    # "none": experts frozen. Decides the memory a step needs and which engines apply.
-    trains: ClassVar[Literal["selected", "all", "none"]] = "selected"
+    # "routed": every expert the batch routes to (E_union), budget ignored, its memory
+    # checked per step; "none": experts frozen. Decides the memory a step needs and
+    # which engines apply.
+    trains: ClassVar[Literal["selected", "all", "routed", "none"]] = "selected"
 
     def __init__(self, hp: HFedMoEConfig) -> None:
         self.hp = hp
@@ -49,8 +51,11 @@ class Strategy:
         return select_top_experts(scores, routing.union, capacity, self.hp.budget_scope)
 
     def step_limit(self, capacity: int, total: int) -> int:
-        """Experts one step may train (over all layers), given C_budget over all layers."""
-        return {"selected": capacity, "all": total, "none": 0}[self.trains]
+        """Experts one step may train (over all layers), given C_budget over all layers.
+
+        For "routed" it is what fits the memory: a step whose union is larger fails.
+        """
+        return {"selected": capacity, "routed": capacity, "all": total, "none": 0}[self.trains]
 
     # ---- server side -----------------------------------------------------------------
     def expert_weights(self, report: ClientReport, layer: int, index: np.ndarray) -> np.ndarray:

@@ -51,6 +51,24 @@ class FedAvgFull(Strategy):
 
 
 @register
+class MoEAllRouted(Strategy):
+    """Vanilla MoE fine-tuning: each batch trains every expert it routes to (E_union).
+
+    Budget-unaware like fedavg_full, but sparse: what a step needs grows with the batch's
+    routed union, so a step whose union does not fit the device runs out of memory and
+    the client's update is lost (paper Fig. 3: failures driven by the routed union).
+    """
+
+    name = "moe_all_routed"
+    trains = "routed"
+
+    def select_experts(
+        self, routing: BatchRouting, capacity: int, rng: np.random.Generator
+    ) -> torch.Tensor:
+        return routing.union
+
+
+@register
 class FLEx(Strategy):
     """FLEx-style: experts frozen, shared parameters and routers federated."""
 
