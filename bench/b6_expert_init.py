@@ -104,7 +104,7 @@ def fine_tune(adapter, data, train: np.ndarray, args) -> float:
                 optimizer.zero_grad(set_to_none=True)
                 loss_t.backward()
                 optimizer.step()
-                loss = float(loss_t)
+                loss = float(loss_t.detach())
                 step += 1
                 if step == args.steps:
                     break
