@@ -27,6 +27,9 @@ MODEL_KINDS = (
     "pretrained",
 )
 
+# How model.kind=upcycled makes its experts from the dense FFN (see models/upcycle.py).
+ExpertInit = Literal["copy", "drop", "partition"]
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -94,7 +97,17 @@ class ModelConfig(_Section):
     vocab_size: int | None = Field(
         None, ge=2, description="tiny models: hash token ids into this many embeddings"
     )
-    router_init_std: float = Field(0.02, ge=0)
+    router_init_std: float = Field(0.02, ge=0, description="random router init (copy, drop)")
+    expert_init: ExpertInit = Field(
+        "copy",
+        description="upcycled only: copy = identical copies of the dense FFN (sparse "
+        "upcycling); drop = copies that each redraw a random model.drop_ratio of their "
+        "neurons (Drop-Upcycling); partition = one expert per balanced cluster of the FFN's "
+        "neurons, width I/num_experts, router from the clusters (MoEfication)",
+    )
+    drop_ratio: float = Field(
+        0.5, gt=0, le=1, description="expert_init=drop: fraction of neurons each expert redraws"
+    )
     freeze: list[str] = Field(
         default_factory=lambda: ["embed"],
         description="substrings of non-expert parameter names that clients never train",
@@ -108,6 +121,17 @@ class ModelConfig(_Section):
             )
         if self.kind == "pretrained" and not self.path:
             raise ValueError("model.path is required when model.kind is 'pretrained'")
+        if self.expert_init != "copy" and self.kind != "upcycled":
+            raise ValueError(
+                f"model.expert_init={self.expert_init!r} builds experts from a dense "
+                f"checkpoint, so it needs model.kind='upcycled' (got {self.kind!r}); "
+                "remove model.expert_init or set model.kind: upcycled"
+            )
+        if "drop_ratio" in self.model_fields_set and self.expert_init != "drop":
+            raise ValueError(
+                f"model.drop_ratio applies only to model.expert_init='drop' "
+                f"(got {self.expert_init!r}); remove model.drop_ratio or set expert_init: drop"
+            )
         return self
 
 
