@@ -30,12 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from hfedmoe.platform.config import ModelConfig
-from hfedmoe.platform.data import (
+from hfedmoe.platform.data.corpora import load_corpus, stratified_split
+from hfedmoe.platform.data.tokenisation import (
     batch_tensors,
     default_tokenizer,
     iterate_batches,
-    load_corpus,
-    stratified_split,
     tokenize,
 )
 from hfedmoe.platform.models import build_adapter

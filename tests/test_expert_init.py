@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from hfedmoe.platform.config import ConfigError, ModelConfig, parse_config
-from hfedmoe.platform.data import load_bbc_news
+from hfedmoe.platform.data.corpora import load_bbc_news
 from hfedmoe.platform.models import build_adapter
 from hfedmoe.platform.models.upcycle import (
     UpcycledFeedForward,
