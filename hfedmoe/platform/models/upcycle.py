@@ -19,7 +19,7 @@ from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from hfedmoe.platform.models.adapter import FusedExperts, MoEAdapter, MoELayer, read_topk_router
-from hfedmoe.platform.models.experts import routed_experts
+from hfedmoe.platform.models.experts import StackedExperts, grouped_experts
 from hfedmoe.platform.models.heads import PooledClassifier
 
 
@@ -46,49 +46,69 @@ class TopKRouter(nn.Module):
 
 
 class UpcycledFeedForward(nn.Module):
-    """E copies of a dense FFN (w_in [E, I, d], b_in [E, I], w_out [E, d, I], b_out [E, d])."""
+    """E experts cut from a dense FFN: w_in [E, I/s, d], b_in, w_out [E, d, I/s], b_out [E, d].
+
+    With ``segments`` s = 1 every expert is a copy of the whole FFN. With s > 1 the FFN's
+    intermediate neurons are cut into s contiguous segments and the experts cycle through
+    them (expert e holds segment e mod s, its output bias scaled by 1/s): fine-grained
+    experts as in DeepSeekMoE, which at top-k x s keep the active FLOPs of k full copies.
+    Only the s = 1 model computes the dense function at initialisation.
+    """
 
     def __init__(
-        self, dense_in: nn.Linear, dense_out: nn.Linear, activation, num_experts: int, top_k: int
+        self,
+        dense_in: nn.Linear,
+        dense_out: nn.Linear,
+        activation,
+        num_experts: int,
+        top_k: int,
+        segments: int = 1,
     ) -> None:
         super().__init__()
+        width = dense_in.out_features
+        if width % segments or num_experts % segments:
+            raise ValueError(
+                f"{segments} segments must divide the FFN width ({width}) and the experts "
+                f"({num_experts})"
+            )
         self.num_experts = num_experts
         self.activation = activation
         # Set by MoEAdapter: the backward plan, this layer's index, and training leaves.
         self._hfedmoe_plan, self._hfedmoe_layer, self._hfedmoe_leaves = None, 0, None
         self.router = TopKRouter(dense_in.in_features, num_experts, top_k)
 
-        def copies(t: torch.Tensor) -> nn.Parameter:
-            return nn.Parameter(t.detach().unsqueeze(0).repeat(num_experts, *[1] * t.dim()))
+        def experts(t: torch.Tensor, dim: int | None) -> nn.Parameter:
+            parts = [t.detach()] if dim is None else list(t.detach().chunk(segments, dim=dim))
+            cycle = [parts[e % len(parts)] for e in range(num_experts)]
+            return nn.Parameter(torch.stack(cycle).contiguous())
 
-        self.w_in = copies(dense_in.weight)
-        self.b_in = copies(dense_in.bias)
-        self.w_out = copies(dense_out.weight)
-        self.b_out = copies(dense_out.bias)
-
-    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        w = self._hfedmoe_leaves[e] if self._hfedmoe_leaves is not None else None
-        w_in, b_in = (w["w_in"], w["b_in"]) if w else (self.w_in[e], self.b_in[e])
-        w_out, b_out = (w["w_out"], w["b_out"]) if w else (self.w_out[e], self.b_out[e])
-        return F.linear(self.activation(F.linear(x, w_in, b_in)), w_out, b_out)
+        self.w_in = experts(dense_in.weight, 0)
+        self.b_in = experts(dense_in.bias, 0)
+        self.w_out = experts(dense_out.weight, 1)
+        self.b_out = experts(dense_out.bias / segments, None)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         flat = hidden.reshape(-1, hidden.shape[-1])
         _, weights, index = self.router(flat)
-        out = routed_experts(
-            flat,
-            index,
-            weights,
-            self.num_experts,
-            self._expert,
-            self._hfedmoe_plan,
-            self._hfedmoe_layer,
+        leaves = self._hfedmoe_leaves
+        experts = StackedExperts(
+            self.w_in,
+            self.w_out,
+            self.activation,
+            self.b_in,
+            self.b_out,
+            leaves=None
+            if leaves is None
+            else [[e["w_in"], e["w_out"], e["b_in"], e["b_out"]] for e in leaves],
+        )
+        out = grouped_experts(
+            flat, index, weights, experts, self._hfedmoe_plan, self._hfedmoe_layer
         )
         return out.view_as(hidden)
 
 
 def upcycle_bert(
-    backbone: nn.Module, num_experts: int, top_k: int, router_init_std: float
+    backbone: nn.Module, num_experts: int, top_k: int, router_init_std: float, segments: int = 1
 ) -> list[MoELayer]:
     """Replace every BertLayer's FFN by an upcycled MoE, in place; return the MoE layers."""
     layers = []
@@ -99,6 +119,7 @@ def upcycle_bert(
             block.intermediate.intermediate_act_fn,
             num_experts,
             top_k,
+            segments,
         )
         nn.init.normal_(moe.router.weight, std=router_init_std)
         # BertLayer computes output(intermediate(h), h) = LayerNorm(dropout(dense(.)) + h);
@@ -135,10 +156,14 @@ def dense_bert_classifier(
     return PooledClassifier(backbone, backbone.config.hidden_size, num_labels)
 
 
-def upcycled_adapter(cfg, num_labels: int) -> MoEAdapter:
-    """The upcycled classifier of ``cfg.path`` (default: the bundled MiniLM)."""
+def upcycled_adapter(cfg, num_labels: int, segments: int = 1) -> MoEAdapter:
+    """The upcycled classifier of ``cfg.path`` (default: the bundled MiniLM).
+
+    ``segments`` > 1 cuts fine-grained experts (see ``UpcycledFeedForward``); the expert
+    scaling benchmark (bench/b7) builds them here, configs do not expose it yet.
+    """
     path = cfg.path or bundled_minilm_path()
     model = dense_bert_classifier(path, num_labels, cfg.num_layers)
-    layers = upcycle_bert(model.backbone, cfg.num_experts, cfg.top_k, cfg.router_init_std)
+    layers = upcycle_bert(model.backbone, cfg.num_experts, cfg.top_k, cfg.router_init_std, segments)
     tokenizer = AutoTokenizer.from_pretrained(str(cfg.tokenizer or path))
     return MoEAdapter(model, layers, tokenizer, "upcycled", num_labels, cfg.freeze)
