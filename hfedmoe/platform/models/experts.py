@@ -13,13 +13,24 @@ backward:
   so neither its weight nor its input gradient is computed. Cheaper, and an approximation:
   layers below lose the gradient paths through frozen experts. The router still gets the
   gradient of the routing weight, which needs only the saved expert output.
+
+Fused experts (rows of stacked tensors: the upcycled model and transformers' fused MoE
+families) run as one autograd node per layer, ``grouped_experts``: grouped GEMMs over the
+(token, slot) pairs sorted by expert, and a backward that computes weight gradients only
+for the step's trained experts and, in stop-gradient mode, back-propagates only their
+rows. Its cost no longer grows with the number of experts at equal active FLOPs, which a
+Python loop of small GEMMs, one autograd node per expert, did (bench/b7). Per-expert
+modules (SwitchTransformers) keep that loop, ``routed_experts``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 
 class BackwardPlan:
@@ -43,6 +54,11 @@ class BackwardPlan:
     def blocks(self, layer: int, expert: int) -> bool:
         mask = self.active[layer]
         return mask is not None and not mask[expert]
+
+    def passing(self, layer: int, num_experts: int) -> list[bool]:
+        """Experts whose output gradient flows this step: the active ones, all if unset."""
+        mask = self.active[layer]
+        return [True] * num_experts if mask is None else mask
 
 
 class GradGate(torch.autograd.Function):
@@ -99,3 +115,303 @@ def routed_experts(
     per_pair[order] = grouped_outputs
     weighted = per_pair * top_k_weights.reshape(-1, 1).to(per_pair.dtype)
     return weighted.view(num_tokens, k, -1).sum(dim=1).to(hidden.dtype)
+
+
+Activation = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class StackedExperts:
+    """One layer's experts as stacked tensors: y = act(x W_in^T + b_in) W_out^T + b_out.
+
+    w_in [E, H, d], w_out [E, d, I], b_in [E, H], b_out [E, d]; ``activation`` maps the
+    [pairs, H] pre-activation to [pairs, I] (H = 2I for a gated activation). ``leaves``, set
+    while training, holds each expert's rows of these tensors as leaves sharing their
+    storage, in the order (w_in, w_out, b_in, b_out) without the absent biases.
+    """
+
+    w_in: torch.Tensor
+    w_out: torch.Tensor
+    activation: Activation
+    b_in: torch.Tensor | None = None
+    b_out: torch.Tensor | None = None
+    leaves: Sequence[Sequence[torch.Tensor]] | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.w_in.shape[0])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.w_in, self.w_out, self.b_in, self.b_out) if t is not None]
+
+
+def grouped_experts(
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    experts: StackedExperts,
+    plan: BackwardPlan | None = None,
+    layer: int = 0,
+) -> torch.Tensor:
+    """y_t = sum_k w_tk E_{i_tk}(x_t) over the routed experts of each token (eq 2).
+
+    The same function as ``routed_experts``, as one autograd node. Gradients reach the
+    per-expert leaves while training (``experts.leaves``), else the stacked tensors.
+    hidden: [T, d]; top_k_index, top_k_weights: [T, k]. Returns [T, d].
+    """
+    if experts.leaves is None:
+        params = experts.tensors()
+    else:
+        params = [t for expert in experts.leaves for t in expert]
+    return _GroupedExperts.apply(
+        hidden, top_k_weights, top_k_index, _Layer(experts, plan, layer), *params
+    )
+
+
+@dataclass
+class _Layer:
+    """What the autograd node needs besides tensors."""
+
+    experts: StackedExperts
+    plan: BackwardPlan | None
+    layer: int
+
+
+class _GroupedExperts(torch.autograd.Function):
+    """Forward over every routed pair; weight gradients only for the trained experts.
+
+    Pairs are sorted by expert (a stable sort: the order is deterministic) and each
+    expert's contiguous rows go through two grouped GEMMs. Gathers and the weighted sum over
+    each token's k slots are index_select and embedding_bag: one pass over the [pairs, d]
+    rows each, no scatter with atomics. Backward, with g the output gradient:
+
+    * routing weights (the router's gradient): <g_t, E_i(x_t)> for every pair;
+    * input: through every pair in exact mode, through the trained experts' pairs only in
+      stop-gradient mode (a frozen expert's output gradient is dropped);
+    * weights: grouped GEMMs over the trained experts' rows only, one [n_trained, ...]
+      gradient per tensor whose slices go to the experts' leaves.
+
+    Saved for backward: the layer input, the pre-activation and (for the router) the
+    per-pair outputs; gathered inputs and the activation are recomputed where needed.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, top_k_weights, top_k_index, spec: _Layer, *params):  # type: ignore[override]
+        experts = spec.experts
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # sorted row -> (token, slot) pair
+        counts = torch.bincount(flat, minlength=experts.num_experts)
+        offsets = counts.cumsum(0, dtype=torch.int32)
+        token = order // top_k_index.shape[1]
+        pre = _grouped_mm(hidden.index_select(0, token), experts.w_in.mT, offsets, counts)
+        if experts.b_in is not None:
+            pre += experts.b_in.index_select(0, flat[order])
+        per_row = _grouped_mm(experts.activation(pre), experts.w_out.mT, offsets, counts)
+        weights = top_k_weights.to(per_row.dtype)
+        out = F.embedding_bag(
+            _slots(order, top_k_index), per_row, per_sample_weights=weights, mode="sum"
+        )
+        if experts.b_out is not None:
+            out += F.embedding_bag(
+                top_k_index, experts.b_out, per_sample_weights=weights, mode="sum"
+            )
+        ctx.spec = spec
+        ctx.save_for_backward(
+            hidden,
+            top_k_weights,
+            top_k_index,
+            order,
+            counts,
+            pre,
+            per_row if ctx.needs_input_grad[1] else None,
+            *experts.tensors(),
+        )
+        return out.to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        hidden, top_k_weights, top_k_index, order, counts, pre, per_row, *weights = (
+            ctx.saved_tensors
+        )
+        spec: _Layer = ctx.spec
+        experts = spec.experts
+        num_experts = experts.num_experts
+        grad_out = grad_out.to(pre.dtype)
+        token = order // top_k_index.shape[1]
+        slots = _slots(order, top_k_index)
+        row_weights = top_k_weights.to(pre.dtype).reshape(-1).index_select(0, order)
+        grad_rows = grad_out.index_select(0, token)  # g_t of each sorted row
+
+        grad_weights = None
+        if ctx.needs_input_grad[1]:
+            dots = torch.linalg.vecdot(grad_rows, per_row).index_select(0, slots.reshape(-1))
+            grad_weights = dots.view_as(top_k_weights)
+            if experts.b_out is not None:
+                grad_weights = grad_weights + (grad_out @ experts.b_out.mT).gather(1, top_k_index)
+            grad_weights = grad_weights.to(top_k_weights.dtype)
+
+        sizes = counts.tolist()  # the layer's one host sync
+        if spec.plan is None:
+            passing, stop_gradient = [True] * num_experts, False
+        else:
+            passing = spec.plan.passing(spec.layer, num_experts)
+            stop_gradient = spec.plan.stop_gradient
+        per_expert = len(ctx.needs_input_grad) - 4 > len(weights)
+        trained = [
+            passing[e] and sizes[e] > 0 and _wants_grad(ctx, e, len(weights), per_expert)
+            for e in range(num_experts)
+        ]
+        input_grad = ctx.needs_input_grad[0]
+        # Experts whose rows back-propagate: all routed ones for the input gradient in
+        # exact mode, the passing ones in stop-gradient mode, else only the trained ones.
+        flowing = [
+            n > 0 and (trained[e] or (input_grad and (passing[e] or not stop_gradient)))
+            for e, n in enumerate(sizes)
+        ]
+        param_grads: list[torch.Tensor | None] = [None] * (len(ctx.needs_input_grad) - 4)
+        if not any(flowing):
+            return (None, grad_weights, None, None, *param_grads)
+
+        row_expert = torch.repeat_interleave(
+            torch.arange(num_experts, device=counts.device), counts, output_size=order.numel()
+        )
+        rows = _rows_of(flowing, sizes, row_expert)  # None: every row
+        grad_per_row = _take(grad_rows, rows) * _take(row_weights, rows).unsqueeze(1)
+        flowing_counts = counts * torch.tensor(flowing, device=counts.device)
+        offsets = flowing_counts.cumsum(0, dtype=torch.int32)
+        grad_act = _grouped_mm(grad_per_row, weights[1], offsets, flowing_counts)
+        with torch.enable_grad():  # recompute the activation for its backward
+            pre_rows = _take(pre, rows).detach().requires_grad_(True)
+            # Fed through a view: module hooks (FlopCounterMode's tracker) cannot take a
+            # leaf as a module input inside a nested autograd.grad.
+            act = experts.activation(pre_rows.view_as(pre_rows))
+        (grad_pre,) = torch.autograd.grad(act, pre_rows, grad_act)
+
+        grad_hidden = None
+        if input_grad:
+            grad_x = _grouped_mm(grad_pre, weights[0], offsets, flowing_counts)
+            if rows is not None:  # pairs of frozen experts read a zero row
+                position = torch.full_like(order, rows.numel())
+                position[rows] = torch.arange(rows.numel(), device=rows.device)
+                slots = position.index_select(0, slots.reshape(-1)).view_as(slots)
+                grad_x = torch.cat([grad_x, grad_x.new_zeros(1, grad_x.shape[1])])
+            grad_hidden = F.embedding_bag(slots, grad_x, mode="sum").to(hidden.dtype)
+
+        chosen = [e for e in range(num_experts) if trained[e]]
+        if chosen:
+            # The trained experts' rows among the flowing ones.
+            flowing_sizes = [n if flowing[e] else 0 for e, n in enumerate(sizes)]
+            sub = _rows_of(trained, flowing_sizes, _take(row_expert, rows))
+            grads = _weight_grads(
+                experts,
+                _take(grad_per_row, sub),
+                _take(grad_pre, sub),
+                _take(act.detach(), sub),
+                hidden.index_select(0, _take(_take(token, rows), sub)),
+                [sizes[e] for e in chosen],
+            )
+            if per_expert:
+                for j, g in enumerate(grads):
+                    for e, row in zip(chosen, g.unbind(0), strict=True):
+                        param_grads[e * len(grads) + j] = row
+            else:
+                index = torch.tensor(chosen, device=counts.device)
+                for j, (g, w) in enumerate(zip(grads, weights, strict=True)):
+                    param_grads[j] = torch.zeros_like(w).index_copy_(0, index, g.to(w.dtype))
+        return (grad_hidden, grad_weights, None, None, *param_grads)
+
+
+def _slots(order: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
+    """[T, k]: the sorted row of each (token, slot) pair (the inverse of ``order``)."""
+    slots = torch.empty_like(order)
+    slots[order] = torch.arange(order.numel(), device=order.device)
+    return slots.view_as(top_k_index)
+
+
+def _wants_grad(ctx, expert: int, num_tensors: int, per_expert: bool) -> bool:
+    """Whether any weight of ``expert`` needs a gradient (inputs 4.. are the weights)."""
+    needs = ctx.needs_input_grad[4:]
+    if per_expert:
+        return any(needs[expert * num_tensors : (expert + 1) * num_tensors])
+    return any(needs)
+
+
+def _rows_of(keep: list[bool], sizes: list[int], row_expert: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the rows whose expert is kept; None when that is every row.
+
+    sizes[e]: rows of expert e among ``row_expert`` (the expert of each row).
+    """
+    if all(k or n == 0 for k, n in zip(keep, sizes, strict=True)):
+        return None
+    mask = torch.tensor(keep, device=row_expert.device)
+    return mask.index_select(0, row_expert).nonzero().squeeze(1)
+
+
+def _take(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return t if rows is None else t.index_select(0, rows)
+
+
+def _weight_grads(
+    experts: StackedExperts,
+    grad_out: torch.Tensor,
+    grad_pre: torch.Tensor,
+    act: torch.Tensor,
+    inputs: torch.Tensor,
+    sizes: list[int],
+) -> list[torch.Tensor]:
+    """Gradients [n, ...] of the n trained experts' tensors, from their rows (grouped by expert)."""
+    lengths = torch.tensor(sizes, device=grad_out.device)
+    offsets = lengths.cumsum(0, dtype=torch.int32)
+    grads = [
+        _grouped_mm(grad_pre.mT, inputs, offsets, lengths),  # w_in [n, H, d]
+        _grouped_mm(grad_out.mT, act, offsets, lengths),  # w_out [n, d, I]
+    ]
+    # Bias gradients are per-expert row sums: a segment reduction, deterministic.
+    if experts.b_in is not None:
+        grads.append(torch.segment_reduce(grad_pre, "sum", lengths=lengths))
+    if experts.b_out is not None:
+        grads.append(torch.segment_reduce(grad_out, "sum", lengths=lengths))
+    return grads
+
+
+def _grouped_mm(
+    a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
+    """Grouped GEMM, groups split at the int32 ``offsets`` (cumulative ``counts``).
+
+    a [M, K] @ b [G, K, N] -> [M, N] (row groups), or a [M, K] @ b [K, N] -> [G, M, N]
+    (groups along K: per-group weight gradients). torch._grouped_mm takes 16-bit and 32-bit
+    floats with 16-byte aligned strides; anything else takes a loop over the groups (one
+    host sync for their sizes).
+    """
+    if _grouped_mm_takes(a) and _grouped_mm_takes(b):
+        return torch._grouped_mm(a, b, offs=offsets)
+    sizes = counts.tolist()
+    if b.dim() == 3:
+        blocks = [x @ w for x, w in zip(a.split(sizes), b, strict=True)]
+        return torch.cat(blocks) if blocks else a.new_zeros(0, b.shape[-1])
+    return torch.stack([x @ y for x, y in zip(a.split(sizes, dim=1), b.split(sizes), strict=True)])
+
+
+def _grouped_mm_takes(t: torch.Tensor) -> bool:
+    if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(s == 1 or s * size % 16 == 0 for s in t.stride())
+
+
+def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """2 FLOPs per multiply-add of the groups' products; padding-free by construction."""
+    if len(a_shape) == 2 and len(b_shape) == 3:  # row groups: [M, K] @ [G, K, N]
+        return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+    if len(a_shape) == 2 and len(b_shape) == 2:  # groups along K: [M, K] @ [K, N]
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    if len(a_shape) == 3 and len(b_shape) == 3:  # batched
+        return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+    return 2 * a_shape[1] * a_shape[2] * b_shape[1]  # [G, M, K] @ [K, N]: column groups
+
+
+# FlopCounterMode (used to calibrate StepFlops and by the tests) has no formula for
+# grouped GEMMs in this torch; without one the expert matmuls would count as zero.
+if torch.ops.aten._grouped_mm not in flop_registry:
+    register_flop_formula(torch.ops.aten._grouped_mm)(_grouped_mm_flops)

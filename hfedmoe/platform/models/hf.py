@@ -10,7 +10,6 @@ given the same kernel.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -40,7 +39,7 @@ from hfedmoe.platform.models.adapter import (
     MoELayer,
     read_topk_router,
 )
-from hfedmoe.platform.models.experts import routed_experts
+from hfedmoe.platform.models.experts import StackedExperts, grouped_experts, routed_experts
 from hfedmoe.platform.models.heads import PooledClassifier, SequenceClassifier
 
 EXPERTS_IMPLEMENTATION = "hfedmoe"
@@ -54,19 +53,17 @@ def hfedmoe_experts_forward(
 ) -> torch.Tensor:
     """Experts forward for transformers' fused layout (gate_up_proj [E, 2I, d], down_proj)."""
     leaves = self._hfedmoe_leaves
-
-    def expert_fn(e: int, x: torch.Tensor) -> torch.Tensor:
-        w = leaves[e] if leaves is not None else None
-        gate_up = w["gate_up_proj"] if w else self.gate_up_proj[e]
-        down = w["down_proj"] if w else self.down_proj[e]
-        return F.linear(self._apply_gate(F.linear(x, gate_up)), down)
-
-    return routed_experts(
+    experts = StackedExperts(
+        self.gate_up_proj,
+        self.down_proj,
+        self._apply_gate,
+        leaves=None if leaves is None else [[e["gate_up_proj"], e["down_proj"]] for e in leaves],
+    )
+    return grouped_experts(
         hidden_states,
         top_k_index,
         top_k_weights,
-        self.num_experts,
-        expert_fn,
+        experts,
         self._hfedmoe_plan,
         self._hfedmoe_layer,
     )

@@ -39,7 +39,7 @@ from transformers.utils import logging as hf_logging
 
 from hfedmoe.platform.config import ConfigError, ExpertInit, ModelConfig
 from hfedmoe.platform.models.adapter import FusedExperts, MoEAdapter, MoELayer, read_topk_router
-from hfedmoe.platform.models.experts import routed_experts
+from hfedmoe.platform.models.experts import StackedExperts, grouped_experts
 from hfedmoe.platform.models.heads import PooledClassifier
 
 
@@ -111,25 +111,21 @@ class UpcycledFeedForward(nn.Module):
             setattr(self, name, nn.Parameter(tensor.detach().contiguous()))
         self.out_bias = None if out_bias is None else nn.Parameter(out_bias.detach().clone())
 
-    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        if self._hfedmoe_leaves is not None:
-            t = self._hfedmoe_leaves[e]
-        else:
-            t = {name: getattr(self, name)[e] for name in self.expert_names}
-        hidden = self.activation(F.linear(x, t["w_in"], t["b_in"]))
-        return F.linear(hidden, t["w_out"], t.get("b_out"))
-
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         flat = hidden.reshape(-1, hidden.shape[-1])
         _, weights, index = self.router(flat)
-        out = routed_experts(
-            flat,
-            index,
-            weights,
-            self.num_experts,
-            self._expert,
-            self._hfedmoe_plan,
-            self._hfedmoe_layer,
+        leaves = self._hfedmoe_leaves
+        order = [n for n in ("w_in", "w_out", "b_in", "b_out") if n in self.expert_names]
+        experts = StackedExperts(
+            self.w_in,
+            self.w_out,
+            self.activation,
+            self.b_in,
+            getattr(self, "b_out", None),  # partitioned experts share one out_bias
+            leaves=None if leaves is None else [[e[n] for n in order] for e in leaves],
+        )
+        out = grouped_experts(
+            flat, index, weights, experts, self._hfedmoe_plan, self._hfedmoe_layer
         )
         if self.out_bias is not None:
             out = out + self.out_bias
