@@ -288,6 +288,11 @@ class TrackingConfig(_Section):
         None, description="MLflow tracking URI (default: sqlite:///<run_dir>/mlflow.db)"
     )
     experiment: str = "hfedmoe"
+    on_error: Literal["fail", "continue"] = Field(
+        "continue",
+        description="tracking.uri unreachable at the start: continue (warn, train, log once "
+        "it answers) or fail before training. An outage mid-run never stops training.",
+    )
 
 
 class FaultConfig(_Section):
