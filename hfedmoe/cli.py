@@ -74,6 +74,14 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_mlflow(args: argparse.Namespace) -> int:
+    from hfedmoe.tracking.export import export_run
+
+    run_id = export_run(args.run_dir, args.uri)
+    print(f"MLflow run {run_id} holds {args.run_dir}")
+    return 0
+
+
 def _print_summary(run) -> None:
     history, run_dir = run.history, run.run_dir
     last = history.rounds[-1]
@@ -112,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--store", default="runs", help="mlflow.db, its directory, or a URI")
     ui.add_argument("--port", type=int, help="port (default: a free one)")
     ui.set_defaults(handler=cmd_ui)
+
+    export = commands.add_parser(
+        "export-mlflow", help="log a run to MLflow from its run directory alone"
+    )
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory")
+    export.add_argument("--uri", help="tracking URI (default: the run's, else runs/mlflow.db)")
+    export.set_defaults(handler=cmd_export_mlflow)
 
     add_cluster_commands(commands)
     return parser

@@ -35,6 +35,13 @@ def launch(
         cfg = run_config(run_dir)
     else:
         check_paths(cfg)
+    standard: list[Callback] = []
+    if cfg.tracking.enabled:
+        from hfedmoe.tracking.mlflow_run import MLflowTracking, check_tracking  # imports mlflow
+
+        check_tracking(cfg)  # before anything starts: an unreachable server fails or warns
+        standard.append(MLflowTracking(parent_run_id))
+    if resume is None:
         run_dir = new_run_dir(cfg, run_dir)
     executor: Executor
     if in_process:
@@ -43,11 +50,6 @@ def launch(
         from hfedmoe.actors.executor import RayExecutor  # imports ray: only when used
 
         executor = RayExecutor(placement)
-    standard: list[Callback] = []
-    if cfg.tracking.enabled:
-        from hfedmoe.tracking.mlflow_run import MLflowTracking  # imports mlflow
-
-        standard.append(MLflowTracking(parent_run_id))
     standard += [Checkpointer(), Progress(progress)]
     if cfg.federation.stop_at_target:
         standard.append(EarlyStop(cfg.federation.target_accuracy))

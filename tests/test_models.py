@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -354,3 +356,28 @@ def test_expert_rows_of_no_expert_are_empty(kind):
     adapter = tiny(kind)
     rows = adapter.expert_rows(0, [])
     assert rows and all(a.shape[0] == 0 for a in rows.values())
+
+
+def test_checkpoint_code_runs_only_when_trust_remote_code_is_set(tmp_path):
+    """A checkpoint may ship Python (config.json's auto_map); by default it never runs."""
+    adapter = tiny("qwen3_moe")
+    adapter.model.model.save_pretrained(tmp_path)
+    adapter.tokenizer.save_pretrained(tmp_path)
+    marker = tmp_path / "code-ran"
+    (tmp_path / "configuration_shipped.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+        "from transformers import Qwen3MoeConfig\n\n\n"
+        "class ShippedConfig(Qwen3MoeConfig):\n    pass\n"
+    )
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_shipped.ShippedConfig"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    assert ModelConfig().trust_remote_code is False
+    loaded = build_adapter(ModelConfig(kind="pretrained", path=str(tmp_path)), 3, seed=1)
+    assert loaded.num_experts == 4 and not marker.exists()  # transformers' own class
+    trusted = ModelConfig(kind="pretrained", path=str(tmp_path), trust_remote_code=True)
+    # The shipped config class has no classifier mapping, so the load fails after the code ran.
+    with contextlib.suppress(ValueError):
+        build_adapter(trusted, 3, seed=1)
+    assert marker.exists()

@@ -23,7 +23,7 @@ from hfedmoe.platform.checkpoint import load_checkpoint
 from hfedmoe.platform.config import parse_config
 from hfedmoe.platform.engine import sample_clients
 from hfedmoe.platform.executors import run_in_process
-from hfedmoe.platform.records import BatchRouting, History
+from hfedmoe.platform.records import BatchRouting
 from hfedmoe.platform.strategies import Strategy, register
 from hfedmoe.tracking.mlflow_run import default_tracking_uri
 
@@ -250,7 +250,7 @@ def test_killed_driver_resumes_to_the_uninterrupted_result(ray_address, tmp_path
     os.killpg(driver.pid, signal.SIGTERM if in_process else signal.SIGKILL)
     driver.wait(timeout=60)
     assert latest.read_text().strip() in ("round-00000", "round-00001")
-    done = History.from_json(load_checkpoint(run_dir)[1]["history"]).rounds
+    done = load_checkpoint(run_dir).history.rounds
     if in_process:
         client = MlflowClient(default_tracking_uri(run_dir))
         [killed] = client.search_runs([e.experiment_id for e in client.search_experiments()])

@@ -6,16 +6,21 @@ import sys
 
 from tqdm import tqdm
 
-from hfedmoe.platform.checkpoint import save_checkpoint
+from hfedmoe.platform.checkpoint import append_history, save_checkpoint
 from hfedmoe.platform.engine import Callback, Run
 from hfedmoe.platform.records import RoundMetrics
 
 
 class Checkpointer(Callback):
-    """Checkpoint after every round, so ``hfedmoe run --resume RUN_DIR`` continues the run."""
+    """Checkpoint after every round, so ``hfedmoe run --resume RUN_DIR`` continues the run.
+
+    The round's history record is appended first, then the state and progress written:
+    a checkpoint never refers to a round the history lacks.
+    """
 
     def after_round(self, run: Run, metrics: RoundMetrics) -> bool:
-        progress = {"clock": run.clock, "history": run.history.to_json(), "notes": run.notes}
+        append_history(run.run_dir, run.history.last_round_record())
+        progress = {"clock": run.clock, "notes": run.notes}
         save_checkpoint(run.run_dir, metrics.round, run.state, progress)
         return False
 

@@ -1,33 +1,56 @@
 """Run directories and round checkpoints (tensors in safetensors, the rest in JSON).
 
-A run directory holds the resolved ``config.yaml`` and the checkpoints.
+A run directory holds the resolved ``config.yaml``, the history and the checkpoints.
 
-A checkpoint is a directory ``round-NNNNN`` under ``<run_dir>/checkpoints`` holding
-``state.safetensors`` (the global ModelState) and ``progress.json`` (the completed round,
-the simulated clock, the history so far and anything the caller adds). It is written
-under a temporary name and renamed into place, then ``LATEST`` is replaced atomically, so
-a crash at any instant leaves the previous checkpoint intact. Every random draw of a run
-derives from (seed, round, client), so this is all a resumed run needs.
+The history, ``history.jsonl``, gets one fsynced line per completed round (its metrics,
+client records and mean expert usage), so a checkpoint costs O(model + one round) however
+long the run. A checkpoint is a directory ``round-NNNNN`` under ``<run_dir>/checkpoints``
+holding ``state.safetensors`` (the global ModelState) and ``progress.json`` (the completed
+round, the simulated clock and the callbacks' notes). It is written under a temporary name
+and renamed into place, then ``LATEST`` is replaced atomically, so a crash at any instant
+leaves the previous checkpoint intact; a checkpoint damaged anyway (a full disk, a torn
+copy) is skipped for the previous one, with a warning. Every random draw of a run derives
+from (seed, round, client), so this is all a resumed run needs.
+
+Tensors are only ever read through safetensors: a checkpoint never unpickles anything.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from hfedmoe.platform.config import ExperimentConfig, load_config
 from hfedmoe.platform.errors import ConfigError
-from hfedmoe.platform.records import ModelState
+from hfedmoe.platform.records import History, ModelState
+
+log = logging.getLogger(__name__)
 
 KEEP = 2  # checkpoints kept; older ones are removed after a new one is in place
+HISTORY = "history.jsonl"
+
+
+@dataclass
+class Checkpoint:
+    """What a resumed run continues from: the state and history after ``round``."""
+
+    round: int
+    clock: float  # simulated seconds
+    notes: dict[str, Any]
+    state: ModelState
+    history: History
+    path: Path
 
 
 def new_run_dir(cfg: ExperimentConfig, run_dir: Path | None = None) -> Path:
@@ -37,7 +60,7 @@ def new_run_dir(cfg: ExperimentConfig, run_dir: Path | None = None) -> Path:
     """
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(run_dir or Path(cfg.output_dir) / f"{cfg.name}-{stamp}").resolve()
-    if load_checkpoint(run_dir) is not None:
+    if has_checkpoint(run_dir):
         raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
@@ -76,10 +99,47 @@ def state_from_flat(flat: dict[str, np.ndarray]) -> ModelState:
     return state
 
 
+def append_history(run_dir: Path, record: dict[str, Any]) -> None:
+    """Append one round's record (``History.last_round_record``) to the run's history."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record, allow_nan=True).encode() + b"\n"
+    with open(Path(run_dir) / HISTORY, "ab+") as f:
+        # A crash mid-append leaves a torn last line: end it, or it swallows this record.
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = b"\n" + line
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_history(run_dir: Path, up_to_round: int) -> History:
+    """Rounds 0..``up_to_round`` of the history.
+
+    Records past the checkpoint (a crash between append and checkpoint) are ignored; a
+    round recorded twice (rerun after such a crash) counts once, as last written.
+    """
+    by_round: dict[int, dict[str, Any]] = {}
+    path = Path(run_dir) / HISTORY
+    lines = path.read_text().splitlines() if path.is_file() else []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a torn last line: its round was never checkpointed
+            continue
+        if record["round"] <= up_to_round:
+            by_round[record["round"]] = record
+    missing = sorted(set(range(up_to_round + 1)) - set(by_round))
+    if missing:
+        raise ValueError(f"{path} lacks round(s) {missing}")
+    return History.from_round_records([by_round[r] for r in range(up_to_round + 1)])
+
+
 def save_checkpoint(
     run_dir: Path, round_index: int, state: ModelState, progress: dict[str, Any]
 ) -> Path:
-    """Write the checkpoint of a completed round; return its directory."""
+    """Write the checkpoint of a completed round (its history appended already)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"round-{round_index:05d}"
@@ -101,16 +161,61 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(run_dir: Path) -> tuple[ModelState, dict[str, Any]] | None:
-    """The latest checkpoint of a run directory, or None if it has none."""
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether a run directory holds a checkpoint, intact or not."""
     root = Path(run_dir) / "checkpoints"
-    latest = root / "LATEST"
-    if not latest.is_file():
+    return (root / "LATEST").is_file() or any(root.glob("round-*"))
+
+
+def load_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The latest intact checkpoint of a run directory, or None if it has none.
+
+    A damaged latest one (unreadable LATEST, truncated state, missing progress or history)
+    falls back to the previous checkpoint with a warning; none intact is an error.
+    """
+    root = Path(run_dir) / "checkpoints"
+    candidates = sorted((p for p in root.glob("round-*") if p.is_dir()), reverse=True)
+    if not candidates:
         return None
-    directory = root / latest.read_text().strip()
-    state = state_from_flat(load_file(str(directory / "state.safetensors")))
+    latest = _read_latest(root)
+    problems = []
+    if latest in candidates:  # LATEST is the truth; a newer directory lacks its rename
+        candidates.remove(latest)
+        candidates.insert(0, latest)
+    else:
+        problems.append("LATEST names no checkpoint")
+    for directory in candidates:
+        try:
+            checkpoint = _load(run_dir, directory)
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+            problems.append(f"{directory.name}: {err}")
+            continue
+        if problems:
+            log.warning(
+                "checkpoint(s) damaged, continuing from %s: %s", directory, "; ".join(problems)
+            )
+        return checkpoint
+    raise ConfigError(f"{run_dir}: no intact checkpoint ({'; '.join(problems)})")
+
+
+def _read_latest(root: Path) -> Path | None:
+    try:
+        name = (root / "LATEST").read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return root / name if name.startswith("round-") and "/" not in name else None
+
+
+def _load(run_dir: Path, directory: Path) -> Checkpoint:
     progress = json.loads((directory / "progress.json").read_text())
-    return state, progress
+    return Checkpoint(
+        round=progress["round"],
+        clock=progress["clock"],
+        notes=progress["notes"],
+        state=state_from_flat(load_file(str(directory / "state.safetensors"))),
+        history=read_history(run_dir, progress["round"]),
+        path=directory,
+    )
 
 
 def _fsync(path: Path) -> None:

@@ -86,6 +86,11 @@ class ModelConfig(_Section):
         "id or local directory of an MoE checkpoint",
     )
     tokenizer: str | None = Field(None, description="default: the checkpoint's, else MiniLM's")
+    trust_remote_code: bool = Field(
+        False,
+        description="pretrained: run Python code shipped with the checkpoint (auto_map). Only "
+        "for checkpoints you trust: that code runs with your rights",
+    )
     num_experts: int = Field(8, ge=2, le=512)
     top_k: int = Field(2, ge=1)
     num_layers: int | None = Field(
@@ -313,6 +318,11 @@ class TrackingConfig(_Section):
         None, description="MLflow tracking URI (default: sqlite:///<run_dir>/mlflow.db)"
     )
     experiment: str = "hfedmoe"
+    on_error: Literal["fail", "continue"] = Field(
+        "continue",
+        description="tracking.uri unreachable at the start: continue (warn, train, log once "
+        "it answers) or fail before training. An outage mid-run never stops training.",
+    )
 
 
 class FaultConfig(_Section):

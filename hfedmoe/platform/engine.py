@@ -259,12 +259,11 @@ def _restore(run_state: Run) -> None:
     checkpoint = load_checkpoint(run_state.run_dir)
     if checkpoint is None:
         raise ConfigError(f"--resume {run_state.run_dir}: no checkpoint in this run directory")
-    state, progress = checkpoint
-    run_state.state = state
-    run_state.history = History.from_json(progress["history"])
-    run_state.clock = progress["clock"]
-    run_state.next_round = progress["round"] + 1
-    run_state.notes = progress.get("notes", {})
+    run_state.state = checkpoint.state
+    run_state.history = checkpoint.history
+    run_state.clock = checkpoint.clock
+    run_state.next_round = checkpoint.round + 1
+    run_state.notes = checkpoint.notes
 
 
 @contextlib.contextmanager

@@ -190,17 +190,31 @@ class History:
                 return r.round, r.simulated_seconds
         return None, None
 
-    def to_json(self) -> dict[str, Any]:
+    def last_round_record(self) -> dict[str, Any]:
+        """The last round as one JSON record: its metrics, its clients and its mean usage.
+
+        A round appends usage only when a client succeeded, hence None otherwise.
+        """
+        metrics = self.rounds[-1]
+        clients = []
+        for record in reversed(self.clients):  # this round's clients are the tail
+            if record.round != metrics.round:
+                break
+            clients.append(asdict(record))
         return {
-            "rounds": [asdict(r) for r in self.rounds],
-            "clients": [asdict(c) for c in self.clients],
-            "usage": [u.tolist() for u in self.usage],
+            "round": metrics.round,
+            "metrics": asdict(metrics),
+            "clients": clients[::-1],
+            "usage": self.usage[-1].tolist() if metrics.succeeded else None,
         }
 
     @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> History:
-        return cls(
-            rounds=[RoundMetrics(**r) for r in raw["rounds"]],
-            clients=[ClientRecord(**c) for c in raw["clients"]],
-            usage=[np.asarray(u) for u in raw["usage"]],
-        )
+    def from_round_records(cls, records: list[dict[str, Any]]) -> History:
+        """The history of ``last_round_record`` records, in round order."""
+        history = cls()
+        for record in records:
+            history.rounds.append(RoundMetrics(**record["metrics"]))
+            history.clients.extend(ClientRecord(**c) for c in record["clients"])
+            if record["usage"] is not None:
+                history.usage.append(np.asarray(record["usage"]))
+        return history

@@ -19,8 +19,10 @@ def build_adapter(cfg: ModelConfig, num_labels: int, seed: int) -> MoEAdapter:
     if cfg.kind == "upcycled":
         adapter = upcycled_adapter(cfg, num_labels)
     elif cfg.kind == "pretrained":
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.path)
-        model = pretrained_model(cfg.path, num_labels)
+        tokenizer = AutoTokenizer.from_pretrained(
+            cfg.tokenizer or cfg.path, trust_remote_code=cfg.trust_remote_code
+        )
+        model = pretrained_model(cfg.path, num_labels, cfg.trust_remote_code)
         adapter = hf_adapter(model, tokenizer, cfg.kind, num_labels, cfg.freeze)
     else:
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or str(bundled_minilm_path()))

@@ -230,18 +230,24 @@ def tiny_model(kind: str, cfg, vocab_size: int, pad_token_id: int, num_labels: i
     raise ValueError(f"model.kind {kind!r} is not a tiny HF MoE family")
 
 
-def pretrained_model(path: str, num_labels: int) -> nn.Module:
-    """An MoE checkpoint from the hub or a local directory, with a classification head."""
-    config = AutoConfig.from_pretrained(path)
+def pretrained_model(path: str, num_labels: int, trust_remote_code: bool = False) -> nn.Module:
+    """An MoE checkpoint from the hub or a local directory, with a classification head.
+
+    Code shipped with the checkpoint runs only if ``trust_remote_code`` (model config).
+    """
+    trust = {"trust_remote_code": trust_remote_code}
+    config = AutoConfig.from_pretrained(path, **trust)
     if config.model_type == "switch_transformers":
         backbone = SwitchTransformersEncoderModel.from_pretrained(path)
         return PooledClassifier(backbone, config.d_model, num_labels)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, **trust
+        )
         return SequenceClassifier(model)
     except ValueError:
         # No sequence-classification head for this family (e.g. OLMoE): pool the backbone.
-        backbone = AutoModel.from_pretrained(path)
+        backbone = AutoModel.from_pretrained(path, **trust)
         return PooledClassifier(backbone, config.hidden_size, num_labels)
 
 
