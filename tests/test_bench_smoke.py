@@ -207,3 +207,28 @@ def test_b5_sweep_cost(tmp_path):
     assert payload["trials"] == 2 and payload["failed_trials"] == 0
     assert 0 < payload["startup_share"] < 1
     assert payload["total_seconds"] > payload["trial_seconds_mean"]
+
+
+def test_b6_expert_init(tmp_path):
+    run_script("b6_expert_init.py", "--out", str(tmp_path / "b6.json"))
+    cells = json.loads((tmp_path / "b6.json").read_text())["cells"]
+    assert {c["expert_init"] for c in cells} == {"copy", "drop", "partition"}
+    for cell in cells:
+        assert 0.0 <= cell["accuracy"] <= 1.0
+        assert 0.0 < cell["router_entropy_init"] <= 1.0 + 1e-9  # normalised by log E
+        assert 1 <= cell["union_init"] <= cell["num_experts"]
+
+
+def test_b7_expert_scaling(tmp_path):
+    run_script("b7_expert_scaling.py", "--out", str(tmp_path / "b7.json"))
+    rows = json.loads((tmp_path / "b7.json").read_text())["rows"]
+    assert {(r["experts"], r["trained"]) for r in rows} == {
+        (8, "all"),
+        (8, "quarter"),
+        (16, "all"),
+        (16, "quarter"),
+    }
+    # Equal active FLOPs across E is the premise of the benchmark: within a few percent.
+    flops = [r["gflop_per_step"] for r in rows if r["trained"] == "all"]
+    assert max(flops) / min(flops) < 1.05
+    assert all(r["before_step_s"] > 0 and r["after_step_s"] > 0 for r in rows)

@@ -190,8 +190,10 @@ class RoundAggregator:
             rows = np.flatnonzero(weights > 0)
             index, weights = index[rows], weights[rows]
             for name in self.expert_sum[layer]:
-                shape = (-1, *[1] * (uploaded[name].ndim - 1))
-                self.expert_sum[layer][name][index] += weights.reshape(shape) * uploaded[name][rows]
+                values = uploaded[name][rows]
+                # The product at the upload's dtype, as for shared parameters; the sum is float64.
+                scale = weights.astype(values.dtype).reshape(-1, *[1] * (values.ndim - 1))
+                self.expert_sum[layer][name][index] += scale * values
             self.expert_weight[layer, index] += weights
             self.contributors[layer, index] += 1
 
