@@ -93,3 +93,14 @@ def test_ag_news_offline_without_a_path_names_data_path(tmp_path, capsys, monkey
     assert code == 2
     err = capsys.readouterr().err
     assert "set data.path to a directory holding the official train.csv and test.csv" in err
+
+
+@pytest.mark.parametrize(
+    "path", sorted(p for p in (REPO / "configs").glob("*.yaml") if "sweep" not in p.name)
+)
+def test_every_shipped_config_survives_its_own_dump(path):
+    """A run directory keeps the resolved config; --resume and workers parse it again."""
+    from hfedmoe.platform.config import load_config
+
+    cfg = load_config(path)
+    assert parse_config(cfg.model_dump(mode="json")) == cfg

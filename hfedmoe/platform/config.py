@@ -132,11 +132,6 @@ class ModelConfig(_Section):
                 f"checkpoint, so it needs model.kind='upcycled' (got {self.kind!r}); "
                 "remove model.expert_init or set model.kind: upcycled"
             )
-        if "drop_ratio" in self.model_fields_set and self.expert_init != "drop":
-            raise ValueError(
-                f"model.drop_ratio applies only to model.expert_init='drop' "
-                f"(got {self.expert_init!r}); remove model.drop_ratio or set expert_init: drop"
-            )
         return self
 
 
