@@ -104,22 +104,24 @@ def run_one(strategy: str, seed: int, args, out: Path) -> dict:
     return record
 
 
-def _mean_std(values: list[float]) -> str:
+def mean_sd(values: list[float | None], digits: int = 3) -> str:
+    """'mean ± sd' of the values given (None skipped), '-' when there are none."""
     values = [v for v in values if v is not None]
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def table(records: list[dict], seeds: list[int]) -> str:
+def table(records: list[dict], strategies: list[str], target: float) -> str:
     lines = [
-        "| strategy | final accuracy | rounds to 0.8 (reached/seeds) | sim. time to 0.8 (s) "
+        f"| strategy | final accuracy | rounds to {target:g} (reached/seeds) "
+        f"| sim. time to {target:g} (s) "
         "| failed clients / sampled | GB communicated |",
         "|---|---|---|---|---|---|",
     ]
-    for strategy in STRATEGIES:
+    for strategy in strategies:
         runs = [r for r in records if r["strategy"] == strategy]
         if not runs:
             continue
@@ -127,19 +129,19 @@ def table(records: list[dict], seeds: list[int]) -> str:
         reached = [s["rounds_to_target"] for s in summaries if s["rounds_to_target"] is not None]
         sampled = sum(m["sampled"] for r in runs for m in r["rounds"])
         lines.append(
-            f"| {strategy} | {_mean_std([s['final_accuracy'] for s in summaries])} "
-            f"| {_mean_std(reached)} ({len(reached)}/{len(runs)}) "
-            f"| {_mean_std([s['simulated_seconds_to_target'] for s in summaries])} "
+            f"| {strategy} | {mean_sd([s['final_accuracy'] for s in summaries])} "
+            f"| {mean_sd(reached)} ({len(reached)}/{len(runs)}) "
+            f"| {mean_sd([s['simulated_seconds_to_target'] for s in summaries])} "
             f"| {sum(s['client_failures'] for s in summaries)} / {sampled} "
             f"| {statistics.mean(s['bytes_communicated'] for s in summaries) / 1e9:.2f} |"
         )
     return "\n".join(lines)
 
 
-def plot(records: list[dict], path: Path) -> None:
+def plot(records: list[dict], path: Path, strategies: list[str], target: float) -> None:
     fig = Figure(figsize=(12, 4.2))
     by_round, by_time = fig.subplots(1, 2)
-    for strategy in STRATEGIES:
+    for strategy in strategies:
         runs = [r for r in records if r["strategy"] == strategy]
         if not runs:
             continue
@@ -154,7 +156,7 @@ def plot(records: list[dict], path: Path) -> None:
     by_time.set(xlabel="simulated time (h)", ylabel="test accuracy (mean over seeds)")
     for ax in (by_round, by_time):
         ax.grid(alpha=0.3)
-        ax.axhline(TARGET, color="grey", linewidth=0.8)
+        ax.axhline(target, color="grey", linewidth=0.8)
     by_time.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -175,9 +177,9 @@ def main() -> None:
     args.data, args.traces = args.data.resolve(), args.traces.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     records = [run_one(s, seed, args, args.out) for seed in args.seeds for s in args.strategies]
-    report = table(records, args.seeds)
+    report = table(records, args.strategies, TARGET)
     (args.out / "table.md").write_text(report + "\n")
-    plot(records, args.out / "accuracy.png")
+    plot(records, args.out / "accuracy.png", args.strategies, TARGET)
     print(report)
 
 

@@ -232,3 +232,21 @@ def test_b7_expert_scaling(tmp_path):
     flops = [r["gflop_per_step"] for r in rows if r["trained"] == "all"]
     assert max(flops) / min(flops) < 1.05
     assert all(r["before_step_s"] > 0 and r["after_step_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_b8_paper_regime(tmp_path):
+    out = tmp_path / "b8"
+    done = run_script("b8_paper_regime.py", "--only", "bbc_news", "--out", str(out))
+    regime = json.loads((out / "regime.json").read_text())["bbc_news"]
+    assert 0 < regime["capacity_share_mean"] < 1  # the budgets bind
+    runs = [json.loads(p.read_text()) for p in out.glob("bbc_news-*-s*.json")]
+    assert {(r["strategy"], r["seed"]) for r in runs} == {
+        (s, seed)
+        for s in ("hfedmoe", "budget_top_usage", "budget_random", "moe_all_routed")
+        for seed in (0, 1)
+    }
+    for run in runs:
+        assert len(run["rounds"]) == 2 and all(m["sampled"] == 3 for m in run["rounds"])
+    assert (out / "bbc_news-accuracy.png").stat().st_size > 10_000
+    assert "| moe_all_routed | 2 |" in done.stdout

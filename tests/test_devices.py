@@ -370,6 +370,38 @@ def test_trace_budgets():
     assert b.resource_fraction[np.argmax(b.flops_per_s)] == 1.0
 
 
+@needs_traces
+def test_headroom_budgets_add_the_resident_step_to_every_device():
+    """device_memory: headroom gives each device the step that trains no expert plus its
+    scaled memory, so C_budget grows with the device's memory instead of all-or-nothing."""
+    resident = step_memory_bytes(SMALL, 0, BATCH)
+    expert_state = 50 * 4 * 3  # an expert's gradient and two AdamW moments, fp32
+    scale = 10.3 * expert_state / (12 * GiB)  # 12 GiB of RAM: room for 10.3 experts
+    cfg = BudgetConfig(
+        distribution="traces",
+        traces_dir=str(TRACES_DIR),
+        memory_scale=scale,
+        device_memory="headroom",
+    )
+    b = draw_budgets(cfg, 500, seed=0, full_step_bytes=1.0, resident_bytes=resident)
+    total = draw_budgets(
+        cfg.model_copy(update={"device_memory": "total"}), 500, seed=0, full_step_bytes=1.0
+    )
+    np.testing.assert_array_equal(b.device, total.device)
+    np.testing.assert_array_equal(b.memory_bytes, total.memory_bytes + resident)
+    # Nobody fails and C_budget follows RAM; no trace device sits within 1% of an expert
+    # of a boundary (RAM in GiB x 10.3 / 12 is never that close to an integer).
+    devices = {p.name: p for p in load_ai_benchmark(AI_BENCHMARK)}
+    ram_experts = np.array(
+        [devices[b[c].device].memory_bytes / GiB * 10.3 / 12 for c in range(500)]
+    )
+    assert (np.abs(ram_experts - np.round(ram_experts)) > 0.01).all()
+    assert all(fits(SMALL, m, 0, BATCH) for m in b.memory_bytes)
+    capacity = [expert_capacity(SMALL, m, BATCH, "global") for m in b.memory_bytes]
+    assert capacity == np.floor(ram_experts).astype(int).tolist()
+    assert min(capacity) == 0 and max(capacity) == 10
+
+
 def test_budget_summary_is_json_serialisable():
     b = draw_budgets(THREE_TIERS, 10, seed=0, full_step_bytes=MEM_10)
     summary = json.loads(json.dumps(budget_summary(b)))

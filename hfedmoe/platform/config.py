@@ -261,6 +261,14 @@ class BudgetConfig(_Section):
         description="multiplies device memory (devices and traces), to scale a "
         "small simulated model against real device capacities",
     )
+    device_memory: Literal["total", "headroom"] = Field(
+        "total",
+        description="total: device memory x memory_scale must hold the whole training step; "
+        "headroom: every device holds the model and a batch's activations, and device "
+        "memory x memory_scale is what it has beyond that for trained parameters' "
+        "gradients and AdamW state (the paper's setting, where phones run the model and "
+        "differ in how much of it they can train)",
+    )
 
     @model_validator(mode="after")
     def _distribution_complete(self) -> BudgetConfig:

@@ -14,7 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from hfedmoe.platform.budgets.cost import ModelFootprint, full_step_memory_bytes
+from hfedmoe.platform.budgets.cost import (
+    ModelFootprint,
+    full_step_memory_bytes,
+    step_memory_bytes,
+)
 from hfedmoe.platform.budgets.drawing import ClientBudgets, draw_budgets
 from hfedmoe.platform.client import LocalTrainer
 from hfedmoe.platform.config import ExperimentConfig
@@ -71,7 +75,11 @@ def build_federation(cfg: ExperimentConfig) -> tuple[Federation, MoEAdapter]:
     )
     footprint = measure_footprint(adapter, train, fed.batch_size)
     budgets = draw_budgets(
-        cfg.budgets, fed.num_clients, cfg.seed, full_step_memory_bytes(footprint, fed.batch_size)
+        cfg.budgets,
+        fed.num_clients,
+        cfg.seed,
+        full_step_bytes=full_step_memory_bytes(footprint, fed.batch_size),
+        resident_bytes=step_memory_bytes(footprint, 0, fed.batch_size),
     )
     federation = Federation(
         cfg=cfg,

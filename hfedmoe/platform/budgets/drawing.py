@@ -108,8 +108,14 @@ def resource_fractions(flops_per_s: np.ndarray) -> np.ndarray:
     return 2.0**exponent
 
 
+def _device_memory(cfg: BudgetConfig, device_bytes: float, resident_bytes: float) -> float:
+    """A device's memory budget under `budgets.device_memory` (see BudgetConfig)."""
+    scaled = device_bytes * cfg.memory_scale
+    return scaled + resident_bytes if cfg.device_memory == "headroom" else scaled
+
+
 def _tier_group(
-    tier: TierConfig, full_step_bytes: float, memory_scale: float
+    tier: TierConfig, cfg: BudgetConfig, full_step_bytes: float, resident_bytes: float
 ) -> tuple[_Group, NetworkProfile]:
     # TierConfig's validator guarantees known device and network names.
     device = EMBEDDED_DEVICES[tier.device] if tier.device else None
@@ -122,7 +128,7 @@ def _tier_group(
             )
         memory = tier.memory_fraction * full_step_bytes
     else:
-        memory = device.memory_bytes * memory_scale
+        memory = _device_memory(cfg, device.memory_bytes, resident_bytes)
     # The config validator guarantees a device whenever memory_fraction or flops_per_s is unset.
     group = _Group(
         name=tier.name,
@@ -162,10 +168,14 @@ def _assemble(
 
 
 def _draw_tiered(
-    cfg: BudgetConfig, num_clients: int, rng: np.random.Generator, full_step_bytes: float
+    cfg: BudgetConfig,
+    num_clients: int,
+    rng: np.random.Generator,
+    full_step_bytes: float,
+    resident_bytes: float,
 ) -> ClientBudgets:
     groups, networks = zip(
-        *(_tier_group(t, full_step_bytes, cfg.memory_scale) for t in cfg.tiers), strict=True
+        *(_tier_group(t, cfg, full_step_bytes, resident_bytes) for t in cfg.tiers), strict=True
     )
     if cfg.distribution == "dirichlet":
         proportions = rng.dirichlet(np.full(len(groups), cfg.dirichlet_concentration))
@@ -176,7 +186,9 @@ def _draw_tiered(
     return _assemble(rng, list(groups), group, [networks[k] for k in group])
 
 
-def _draw_traces(cfg: BudgetConfig, num_clients: int, rng: np.random.Generator) -> ClientBudgets:
+def _draw_traces(
+    cfg: BudgetConfig, num_clients: int, rng: np.random.Generator, resident_bytes: float
+) -> ClientBudgets:
     if not cfg.traces_dir:
         raise FileNotFoundError("budgets.traces_dir is not set")
     traces_dir = Path(cfg.traces_dir)
@@ -189,28 +201,36 @@ def _draw_traces(cfg: BudgetConfig, num_clients: int, rng: np.random.Generator) 
     device = rng.integers(0, len(devices), num_clients)
     network = rng.integers(0, len(networks), num_clients)
     groups = [
-        _Group(d.name, d.name, d.memory_bytes * cfg.memory_scale, d.flops_per_s, -1)
+        _Group(
+            d.name, d.name, _device_memory(cfg, d.memory_bytes, resident_bytes), d.flops_per_s, -1
+        )
         for d in devices
     ]
     return _assemble(rng, groups, device, [networks[k] for k in network])
 
 
 def draw_budgets(
-    cfg: BudgetConfig, num_clients: int, seed: int, full_step_bytes: float
+    cfg: BudgetConfig,
+    num_clients: int,
+    seed: int,
+    full_step_bytes: float,
+    resident_bytes: float = 0.0,
 ) -> ClientBudgets:
     """Draw the budgets of `num_clients` clients; the same arguments give the same budgets.
 
     tiers: exactly round(proportion * N) clients per tier (largest remainder), in a seeded
     random order. dirichlet: tier proportions ~ Dir(concentration * 1), then as tiers. traces:
     a device of the AI Benchmark traces and a network profile per client, uniformly.
-    `full_step_bytes` (see `full_step_memory_bytes`) scales tiers given by memory_fraction.
+    `full_step_bytes` (see `full_step_memory_bytes`) scales tiers given by memory_fraction;
+    `resident_bytes` (the step that trains no expert) is what `device_memory: headroom` adds
+    to every device's scaled memory.
     """
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
     rng = np.random.default_rng(seed)
     if cfg.distribution == "traces":
-        return _draw_traces(cfg, num_clients, rng)
-    return _draw_tiered(cfg, num_clients, rng, full_step_bytes)
+        return _draw_traces(cfg, num_clients, rng, resident_bytes)
+    return _draw_tiered(cfg, num_clients, rng, full_step_bytes, resident_bytes)
 
 
 def _spread(values: np.ndarray) -> dict[str, float]:
