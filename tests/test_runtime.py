@@ -16,12 +16,16 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from hfedmoe.actors.chaos import ChaosMonkey, random_faults
+from hfedmoe.actors.executor import RayExecutor
 from hfedmoe.actors.pools import PlacementError, plan_pools
 from hfedmoe.cli import main
 from hfedmoe.launch import launch
-from hfedmoe.platform.checkpoint import load_checkpoint
+from hfedmoe.platform.budgets.drawing import draw_budgets
+from hfedmoe.platform.callbacks import Checkpointer
+from hfedmoe.platform.checkpoint import load_checkpoint, new_run_dir
 from hfedmoe.platform.config import parse_config
-from hfedmoe.platform.engine import sample_clients
+from hfedmoe.platform.engine import Callback, run, sample_clients
 from hfedmoe.platform.executors import run_in_process
 from hfedmoe.platform.records import BatchRouting
 from hfedmoe.platform.strategies import Strategy, register
@@ -165,16 +169,33 @@ def test_a_strategy_defined_in_a_test_module_runs_on_both_executors(ray_address,
     assert result.history.rounds[-1].experts_updated > 0
 
 
-def test_killed_client_actor_is_retried_on_another_and_replaced(ray_address, tmp_path):
-    # The second client sampled in round 1: its actor process dies mid-task.
-    cfg = tiny(tmp_path, tracking={"enabled": False})
-    victim = _sampled(cfg, 1)[1]
-    crashing = tiny(tmp_path, tracking={"enabled": False}, faults={"crash": [[1, victim]]})
-    result = launch(crashing, run_dir=tmp_path / "crash", progress=False)
+def test_killed_client_actor_retries_only_its_lost_clients_on_a_replacement(ray_address, tmp_path):
+    # 24 clients a round on one actor per shape: calls of 3 clients. The second client of
+    # a call dies with its actor; the first, already streamed back, is kept.
+    crowded = {"num_clients": 24, "clients_per_round": 24}
+    cfg = tiny(tmp_path, tracking={"enabled": False}, federation=crowded)
+    fractions = draw_budgets(cfg.budgets, 24, cfg.seed, 1.0).resource_fraction
+    slow = [c for c in _sampled(cfg, 1) if fractions[c] < 1]
+    call, victim = slow[:3], slow[1]
+    crashing = tiny(
+        tmp_path,
+        tracking={"enabled": False},
+        federation=crowded,
+        faults={"crash": [[1, victim]]},
+        runtime={"max_actors": 2},
+    )
+    executor = RayExecutor()
+    result = run(crashing, executor, [], tmp_path / "crash")
+    [event] = executor.events
+    assert event.kind == "client_actor_died"
+    assert event.kept == (call[0],) and event.retried == (victim, call[2])
+    assert event.new_pid != event.old_pid and event.given_up == ()
+    # Nothing is lost and the results are those of a run without the fault.
     expected_history, expected_state = run_simulation(cfg)
-    # The retry ran the same client on a fresh actor: nothing is lost, results unchanged.
     assert_same_run(expected_history, expected_state, result.history, result.state)
 
+    # Out of retries, the client is reported lost and the round goes on without it.
+    victim = _sampled(tiny(tmp_path), 1)[1]
     no_retry = tiny(
         tmp_path,
         tracking={"enabled": False},
@@ -186,6 +207,68 @@ def test_killed_client_actor_is_retried_on_another_and_replaced(ray_address, tmp
     assert lost.history.rounds[1].succeeded == 3
     record = next(c for c in lost.history.clients if c.round == 1 and c.client == victim)
     assert record.failure == "lost"
+
+
+def test_dead_aggregator_is_replaced_and_its_round_rerun(ray_address, tmp_path):
+    cfg = tiny(tmp_path, tracking={"enabled": False}, federation={"rounds": 3})
+    crashing = tiny(
+        tmp_path,
+        tracking={"enabled": False},
+        federation={"rounds": 3},
+        faults={"aggregator_crash": [1]},
+    )
+    executor = RayExecutor()
+    result = run(crashing, executor, [], tmp_path / "aggregator")
+    [event] = executor.events
+    assert event.kind == "aggregator_died" and event.new_pid != event.old_pid
+    assert sorted(event.retried) == sorted(_sampled(cfg, 1))
+    expected_history, expected_state = run_simulation(cfg)
+    assert_same_run(expected_history, expected_state, result.history, result.state)
+
+
+class DriverDies(Callback):
+    """The driver fails after a round (an exception; the SIGKILL case has its own test)."""
+
+    def __init__(self, last_round: int) -> None:
+        self.last_round = last_round
+
+    def after_round(self, run, metrics) -> bool:
+        if metrics.round == self.last_round:
+            raise RuntimeError("the driver died")
+        return False
+
+
+def test_a_run_under_chaos_ends_where_the_fault_free_run_ends(ray_address, tmp_path):
+    """Random actor kills and stalls, crashed, stalled and lost-aggregator rounds, a failed
+    driver and a resume: the same final weights and deterministic metrics as without."""
+    federation = {"rounds": 5, "num_clients": 12, "clients_per_round": 6}
+    cfg = tiny(tmp_path, tracking={"enabled": False}, federation=federation)
+    faults = random_faults(cfg, seed=5, crashes=2, hangs=1, aggregator_crashes=1)
+    chaotic = tiny(
+        tmp_path,
+        tracking={"enabled": False},
+        federation=federation,
+        faults=faults,
+        runtime={"retries": 10, "client_timeout_s": 8},
+    )
+    run_dir = new_run_dir(chaotic, tmp_path / "chaos")
+    first, second = RayExecutor(), RayExecutor()
+    with (
+        ChaosMonkey(first, seed=1, mean_interval_s=1.0, max_strikes=3) as monkey_1,
+        pytest.raises(RuntimeError, match="the driver died"),
+    ):
+        run(chaotic, first, [Checkpointer(), DriverDies(last_round=2)], run_dir)
+    with ChaosMonkey(second, seed=2, mean_interval_s=1.0, max_strikes=3) as monkey_2:
+        result = run(chaotic, second, [Checkpointer()], run_dir, resume=True)
+
+    expected_history, expected_state = run_simulation(cfg)
+    assert_same_run(expected_history, expected_state, result.history, result.state)
+    # The injected crash and lost aggregator always leave their kind of event (a monkey
+    # kill that pre-empts one leaves the same kind); a stall can be pre-empted by a kill.
+    events = first.events + second.events
+    assert {"client_actor_died", "aggregator_died"} <= {e.kind for e in events}
+    assert monkey_1.strikes + monkey_2.strikes  # it struck at least once (P ~ 1 - e^-10)
+    assert all(e.given_up == () and e.new_pid != e.old_pid for e in events)
 
 
 def test_stalled_client_is_timed_out_retried_and_its_actor_replaced(ray_address, tmp_path):

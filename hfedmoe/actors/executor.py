@@ -19,8 +19,16 @@ from dataclasses import asdict
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
 
-from hfedmoe.actors.pools import CONTROL_TIMEOUT_S, ClientPools, Job, PoolPlan, plan_pools
+from hfedmoe.actors.pools import (
+    CONTROL_TIMEOUT_S,
+    ClientPools,
+    FaultEvent,
+    Job,
+    PoolPlan,
+    plan_pools,
+)
 from hfedmoe.actors.workers import AggregatorWorker, ClientWorker
 from hfedmoe.platform.budgets.cost import full_step_memory_bytes
 from hfedmoe.platform.config import ConfigError, ExperimentConfig
@@ -122,11 +130,16 @@ def chunk_jobs(order: list[int], fractions, pools: ClientPools) -> list[Job]:
     return jobs
 
 
+class AggregatorDied(Exception):
+    """The aggregator actor died: the round starts again from its start state."""
+
+
 class RayExecutor:
     """Runs clients on budget-shaped Ray actors and aggregates on an aggregator actor.
 
     placement: (device, capacity, memory) for the client pools instead of the whole
     cluster's; a sweep trial passes its share (its placement group's bundles).
+    Faults it recovers from are kept in ``events``, in order, across the whole run.
     """
 
     def __init__(self, placement: tuple[str, float, float] | None = None) -> None:
@@ -135,8 +148,10 @@ class RayExecutor:
         self.fed: Federation | None = None
         self.pools: ClientPools | None = None
         self.aggregator = None
+        self.aggregator_pid = -1
         self.state_ref: ray.ObjectRef | None = None
         self.state_of_ref: ModelState | None = None
+        self.events: list[FaultEvent] = []
 
     def open(self, fed: Federation, adapter: MoEAdapter) -> dict[str, Any]:
         cfg = fed.cfg
@@ -148,16 +163,61 @@ class RayExecutor:
             cfg, fed.budgets.resource_fraction, fed.footprint, device, capacity, memory
         )
         log.info("client pools: %s", plans)
-        strategy = portable_strategy(cfg.federation.strategy)
-        self.pools = _start_pools(cfg, fed, plans, device, actor_bytes, strategy)
+        self.strategy = portable_strategy(cfg.federation.strategy)
+        self.pools = _start_pools(cfg, fed, plans, device, actor_bytes, self.strategy, self.events)
         self.cleanup.callback(self.pools.shutdown)
-        last_bundle = 1 + sum(p.actors for p in plans)
-        worker = ray.remote(AggregatorWorker).options(num_cpus=0, **_bundle(last_bundle))
-        self.aggregator = worker.remote(cfg, strategy)
-        self.cleanup.callback(ray.kill, self.aggregator, no_restart=True)
+        self.aggregator_bundle = _bundle(1 + sum(p.actors for p in plans))
+        self._start_aggregator()
+        self.cleanup.callback(lambda: ray.kill(self.aggregator, no_restart=True))
         return {"executor": "ray", "device": device, "pools": [asdict(p) for p in plans]}
 
+    def _start_aggregator(self) -> None:
+        worker = ray.remote(AggregatorWorker).options(
+            num_cpus=0, max_restarts=0, **self.aggregator_bundle
+        )
+        while True:
+            self.aggregator = worker.remote(self.fed.cfg, self.strategy)
+            try:
+                self.aggregator_pid = self._from_aggregator(self.aggregator.ready.remote())
+                return
+            except AggregatorDied:  # died while starting (a node lost, a chaos test): again
+                log.warning("the aggregator actor died while starting; starting another")
+
+    def _from_aggregator(self, refs):
+        try:
+            return ray.get(refs, timeout=CONTROL_TIMEOUT_S)
+        except RayActorError as err:
+            raise AggregatorDied(str(err)) from err
+
     def run_round(self, round_index: int, clients: list[int], state: ModelState) -> RoundResult:
+        """One round; a dead aggregator is replaced and the round re-run from its start.
+
+        Every client's randomness derives from (seed, round, client), so the re-run
+        gives exactly the result the lost attempt would have given.
+        """
+        retries = self.fed.cfg.runtime.retries
+        for attempt in range(retries + 1):
+            try:
+                return self._attempt_round(round_index, clients, state, attempt)
+            except AggregatorDied:
+                old_pid = self.aggregator_pid
+                ray.kill(self.aggregator, no_restart=True)
+                if attempt == retries:
+                    raise RuntimeError(
+                        f"round {round_index}: the aggregator actor died {retries + 1} times "
+                        "(runtime.retries); the run stops at its last checkpoint, and "
+                        "`--resume` continues from there"
+                    ) from None
+                log.warning("round %d: aggregator actor died; re-running the round", round_index)
+                self._start_aggregator()
+                self.events.append(
+                    FaultEvent("aggregator_died", old_pid, self.aggregator_pid, tuple(clients))
+                )
+        raise AssertionError("unreachable")
+
+    def _attempt_round(
+        self, round_index: int, clients: list[int], state: ModelState, attempt: int
+    ) -> RoundResult:
         fed, cfg = self.fed, self.fed.cfg
         # The global weights enter the object store once per state: the aggregator's
         # result is already there, so only a state the driver made itself is put.
@@ -165,16 +225,13 @@ class RayExecutor:
             self.state_ref, self.state_of_ref = ray.put(state), state
         state_ref = self.state_ref
         bytes_down = state.num_bytes()
-        ray.get(self.aggregator.begin.remote(state_ref), timeout=CONTROL_TIMEOUT_S)
+        self._from_aggregator(self.aggregator.begin.remote(state_ref, round_index, attempt))
         position = {c: i for i, c in enumerate(clients)}
         jobs = chunk_jobs(clients, fed.budgets.resource_fraction, self.pools)
 
-        def submit(actor, job: Job):
+        def submit(actor, job: Job) -> ray.ObjectRefGenerator:
             work = [(c, fed.shards[c], fed.budgets[c]) for c in job.clients]
-            refs = actor.train_many.options(num_returns=1 + len(work)).remote(
-                work, round_index, state_ref, bytes_down, job.attempt
-            )
-            return refs[0], refs[1:]
+            return actor.train_many.remote(work, round_index, state_ref, bytes_down, job.attempt)
 
         ready: dict[int, tuple[ClientReport, Any]] = {}  # position -> (report, upload ref)
         verdicts: list[ray.ObjectRef] = []
@@ -182,13 +239,12 @@ class RayExecutor:
         next_position = 0
         timeout_s, retries = cfg.runtime.client_timeout_s, cfg.runtime.retries
         for outcome in self.pools.run(jobs, submit, timeout_s, retries):
-            for i, c in enumerate(outcome.job.clients):
-                if outcome.failure is None:
-                    ready[position[c]] = (outcome.reports[i], outcome.upload_refs[i])
-                else:  # the chunk never came back: its clients are lost
-                    lost = ClientReport(c, len(fed.shards[c]), bytes_down=bytes_down, lost=True)
-                    ready[position[c]] = (lost, None)
-            outcome.upload_refs = None  # the aggregator's tasks hold the objects from here
+            c = outcome.client
+            if outcome.failure is None:
+                ready[position[c]] = (outcome.report, outcome.upload_ref)
+            else:  # the client never came back: it is lost
+                lost = ClientReport(c, len(fed.shards[c]), bytes_down=bytes_down, lost=True)
+                ready[position[c]] = (lost, None)
             # Hand over the clients every earlier one of which is done: streaming, in order.
             batch = []
             while next_position in ready:
@@ -199,13 +255,11 @@ class RayExecutor:
                 uploads = [upload for _, upload in batch]  # refs resolve in the actor
                 verdicts.append(self.aggregator.offer_many.remote(batch_reports, *uploads))
                 reports.extend(batch_reports)
-        screened = [f for offered in ray.get(verdicts, timeout=CONTROL_TIMEOUT_S) for f in offered]
+        screened = [f for offered in self._from_aggregator(verdicts) for f in offered]
         for report, failure in zip(reports, screened, strict=True):
             report.failure = failure
         new_state_ref, aggregation_ref = self.aggregator.finalize.options(num_returns=2).remote()
-        new_state, aggregation = ray.get(
-            [new_state_ref, aggregation_ref], timeout=CONTROL_TIMEOUT_S
-        )
+        new_state, aggregation = self._from_aggregator([new_state_ref, aggregation_ref])
         self.state_ref, self.state_of_ref = new_state_ref, new_state
         return RoundResult(new_state, reports, aggregation)
 
@@ -234,6 +288,7 @@ def _start_pools(
     device: str,
     actor_bytes: float,
     strategy: type[Strategy],
+    events: list[FaultEvent],
 ) -> ClientPools:
     train_ref = ray.put(fed.train)
     worker = ray.remote(ClientWorker)
@@ -248,4 +303,4 @@ def _start_pools(
             cfg, train_ref, fed.footprint, fed.num_labels, device, threads, strategy
         )
 
-    return ClientPools(plans, make_actor, STARTUP_TIMEOUT_S)
+    return ClientPools(plans, make_actor, STARTUP_TIMEOUT_S, events)

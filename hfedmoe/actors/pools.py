@@ -89,14 +89,37 @@ class Job:
 
 @dataclass
 class Outcome:
+    """One client of a job: its report and upload, or the failure that lost it."""
+
     job: Job
-    reports: Any = None  # the clients' ClientReports, fetched
-    upload_refs: list[ray.ObjectRef] | None = None  # one ClientUpload (or None) per client
-    failure: str | None = None  # "lost" when the chunk never returned
+    client: int
+    report: Any = None  # the client's ClientReport, fetched
+    upload_ref: ray.ObjectRef | None = None  # its ClientUpload (or None), left in the store
+    failure: str | None = None  # "lost" when the client never came back
 
 
-# (actor, job) -> (ref of the reports, refs of the uploads)
-Submit = Callable[[Any, Job], tuple[ray.ObjectRef, list[ray.ObjectRef]]]
+@dataclass(frozen=True)
+class FaultEvent:
+    """A fault the runtime recovered from (or gave a client up to)."""
+
+    kind: str  # "client_actor_died", "client_timed_out" or "aggregator_died"
+    old_pid: int
+    new_pid: int  # the replacement's process
+    retried: tuple[int, ...] = ()  # clients run again (on the replacement's shape)
+    kept: tuple[int, ...] = ()  # clients of the same call that had already come back
+    given_up: tuple[int, ...] = ()  # clients out of retries, reported lost
+
+
+# (actor, job) -> the call's generator: per client, its upload's object, then its report's
+Submit = Callable[[Any, Job], ray.ObjectRefGenerator]
+
+
+@dataclass
+class _Call:
+    job: Job
+    actor: Any
+    delivered: list[int] = dataclasses.field(default_factory=list)
+    upload_ref: ray.ObjectRef | None = None  # the next client's, until its report comes
 
 
 class ClientPools:
@@ -107,16 +130,20 @@ class ClientPools:
         plans: list[PoolPlan],
         make_actor: Callable[[PoolPlan, int], Any],  # (plan, slot) -> actor handle
         startup_timeout_s: float,
+        events: list[FaultEvent],
     ) -> None:
         self.plans = {p.fraction: p for p in plans}
         self.make_actor = make_actor
-        self.slots: dict[Any, int] = {}  # live actor -> its slot (placement group bundle)
-        slots = iter(range(sum(p.actors for p in plans)))
-        self.pool: dict[float, list] = {
-            p.fraction: [self._new_actor(p, next(slots)) for _ in range(p.actors)] for p in plans
-        }
         self.startup_timeout_s = startup_timeout_s
-        self._await_ready(startup_timeout_s, list(self.slots))
+        self.slots: dict[Any, int] = {}  # live actor -> its slot (placement group bundle)
+        self.pids: dict[Any, int] = {}
+        self.events = events  # appended to as faults happen
+        slot = iter(range(sum(p.actors for p in plans)))
+        started = {
+            p.fraction: [self._new_actor(p, next(slot)) for _ in range(p.actors)] for p in plans
+        }
+        self._await_ready(list(self.slots))
+        self.pool: dict[float, list] = started
 
     def _new_actor(self, plan: PoolPlan, slot: int):
         """Actors are numbered in plan order; a replacement takes its predecessor's slot."""
@@ -124,15 +151,16 @@ class ClientPools:
         self.slots[actor] = slot
         return actor
 
-    def _await_ready(self, timeout_s: float, actors: list) -> None:
+    def _await_ready(self, actors: list) -> None:
         try:
-            ray.get([a.ready.remote() for a in actors], timeout=timeout_s)
+            pids = ray.get([a.ready.remote() for a in actors], timeout=self.startup_timeout_s)
         except GetTimeoutError:
             raise PlacementError(
-                f"{len(actors)} client actors were not all running after {timeout_s:.0f} s: "
-                f"the cluster ({ray.available_resources()}) cannot place them; lower "
-                "runtime.max_actors or runtime.actor_memory_gb"
+                f"{len(actors)} client actors were not all running after "
+                f"{self.startup_timeout_s:.0f} s: the cluster ({ray.available_resources()}) "
+                "cannot place them; lower runtime.max_actors or runtime.actor_memory_gb"
             ) from None
+        self.pids.update(zip(actors, pids, strict=True))
 
     def actors(self, fraction: float) -> int:
         return len(self.pool[fraction])
@@ -140,44 +168,63 @@ class ClientPools:
     def run(
         self, jobs: list[Job], submit: Submit, timeout_s: float, retries: int, depth: int = 2
     ) -> Iterator[Outcome]:
-        """Run the jobs on their shapes' actors; yield outcomes as they complete.
+        """Run the jobs on their shapes' actors; yield each client's outcome as it comes.
 
         Each actor holds up to ``depth`` jobs, so the next starts the moment one ends
         (Ray runs an actor's calls in order) instead of after a round trip to this
-        driver. A job whose actor dies, or which runs past ``timeout_s`` per client from
-        the moment it reached the head of its actor's queue, is retried on another actor
-        of its shape (``retries`` times), then reported lost; the actor is killed and
-        replaced, and jobs queued behind it, which never started, are resubmitted. An
-        exception raised by the client code itself is a bug, not a fault: it ends the run.
+        driver. A call streams its clients back one by one, so when its actor dies, or a
+        client runs past ``timeout_s`` (counted from the previous client's end, or from
+        the call reaching the head of its actor's queue), only the clients not yet back
+        are retried, on another actor of the shape (``retries`` times), then reported
+        lost. The actor is killed and replaced; calls queued behind it, which never
+        started, are resubmitted. An exception raised by the client code itself is a
+        bug, not a fault: it ends the run.
         """
         queues = {f: deque(j for j in jobs if j.fraction == f) for f in self.pool}
         queued: dict[Any, deque] = {a: deque() for pool in self.pool.values() for a in pool}
-        running: dict[ray.ObjectRef, tuple[Job, Any, list[ray.ObjectRef]]] = {}
-        deadlines: dict[ray.ObjectRef, float] = {}  # for the job at the head of each queue
+        running: dict[ray.ObjectRefGenerator, _Call] = {}
+        deadlines: dict[ray.ObjectRefGenerator, float] = {}  # the call at each queue's head
 
         def promote(actor) -> None:
             if queued[actor]:
-                head = queued[actor][0]
-                deadlines.setdefault(
-                    head, time.monotonic() + timeout_s * len(running[head][0].clients)
-                )
+                deadlines.setdefault(queued[actor][0], time.monotonic() + timeout_s)
 
-        def fail(actor) -> Iterator[Outcome]:
-            """The actor is gone: its head job used an attempt, the rest never started."""
-            line = list(queued.pop(actor))
-            for index, ref in enumerate(line):
-                job = running.pop(ref)[0]
-                deadlines.pop(ref, None)
-                if index > 0:
-                    queues[job.fraction].appendleft(job)
-                elif job.attempt < retries:
-                    log.warning("clients %s: actor lost, retrying", job.clients)
-                    queues[job.fraction].appendleft(
-                        dataclasses.replace(job, attempt=job.attempt + 1)
+        def finish(call_ref) -> None:
+            actor = running.pop(call_ref).actor
+            queued[actor].remove(call_ref)
+            deadlines.pop(call_ref, None)
+            promote(actor)
+
+        def fail(actor, kind: str) -> Iterator[Outcome]:
+            """The actor is gone: its head call used an attempt, the rest never started."""
+            line = [running.pop(ref) for ref in queued.pop(actor)]
+            for ref in list(deadlines):
+                if ref not in running:
+                    deadlines.pop(ref)
+            for call in line[1:]:
+                queues[call.job.fraction].appendleft(call.job)
+            head = line[0] if line else None
+            retried, kept, given_up = (), (), ()
+            if head is not None:
+                kept = tuple(head.delivered)
+                rest = tuple(c for c in head.job.clients if c not in head.delivered)
+                if rest and head.job.attempt < retries:
+                    log.warning("clients %s: %s, retrying", rest, kind.replace("_", " "))
+                    retry = dataclasses.replace(
+                        head.job, clients=rest, attempt=head.job.attempt + 1
                     )
-                else:
-                    yield Outcome(job, failure="lost")
-            queued[self._bury(actor)] = deque()
+                    queues[retry.fraction].appendleft(retry)
+                    retried = rest
+                elif rest:
+                    given_up = rest
+            old_pid = self.pids.get(actor, -1)
+            replacement = self._bury(actor)
+            queued[replacement] = deque()
+            self.events.append(
+                FaultEvent(kind, old_pid, self.pids[replacement], retried, kept, given_up)
+            )
+            for client in given_up:
+                yield Outcome(head.job, client, failure="lost")
 
         while running or any(queues.values()):
             for fraction, queue in queues.items():
@@ -186,43 +233,65 @@ class ClientPools:
                     if len(queued[actor]) >= depth:
                         break
                     job = queue.popleft()
-                    reports_ref, upload_refs = submit(actor, job)
-                    running[reports_ref] = (job, actor, upload_refs)
-                    queued[actor].append(reports_ref)
+                    call_ref = submit(actor, job)
+                    running[call_ref] = _Call(job, actor)
+                    queued[actor].append(call_ref)
                     promote(actor)
             wait_s = min(deadlines.values(), default=np.inf) - time.monotonic()
             done, _ = ray.wait(list(running), num_returns=1, timeout=min(max(wait_s, 0), 5.0))
-            for ref in done:
-                job, actor, upload_refs = running[ref]
+            for call_ref in done:
+                call = running[call_ref]
                 try:
-                    reports = ray.get(ref, timeout=CONTROL_TIMEOUT_S)
-                except RayActorError:
-                    yield from fail(actor)
+                    item = next(call_ref)
+                    if call.upload_ref is None:
+                        call.upload_ref = item
+                        continue
+                    report = ray.get(item, timeout=CONTROL_TIMEOUT_S)
+                except StopIteration:
+                    if len(call.delivered) == len(call.job.clients):
+                        finish(call_ref)
+                    else:  # its last item was the error that ended it, taken as an upload
+                        yield from fail(call.actor, "client_actor_died")
                     continue
-                running.pop(ref)
-                queued[actor].remove(ref)
-                deadlines.pop(ref, None)
-                promote(actor)
-                yield Outcome(job, reports=reports, upload_refs=upload_refs)
+                except RayActorError:
+                    yield from fail(call.actor, "client_actor_died")
+                    continue
+                call.delivered.append(report.client_id)
+                yield Outcome(call.job, report.client_id, report, call.upload_ref)
+                call.upload_ref = None
+                deadlines[call_ref] = time.monotonic() + timeout_s
             now = time.monotonic()
-            for ref in [r for r, deadline in deadlines.items() if deadline < now]:
-                actor = running[ref][1]
-                log.warning("clients %s: past their time limit", running[ref][0].clients)
-                yield from fail(actor)
+            for call_ref in [r for r, deadline in deadlines.items() if deadline < now]:
+                if call_ref not in running:  # failed along with an earlier one
+                    continue
+                # A call that answered while this driver was busy (starting a replacement
+                # blocks it) is not late: it is read on the next pass.
+                if ray.wait([call_ref], num_returns=1, timeout=0)[0]:
+                    continue
+                call = running[call_ref]
+                log.warning("clients %s: past their time limit", call.job.clients)
+                yield from fail(call.actor, "client_timed_out")
 
     def _bury(self, dead) -> Any:
         """Kill an actor and return its replacement, running (a model built) and in its slot."""
         ray.kill(dead, no_restart=True)
         fraction = next(f for f, pool in self.pool.items() if dead in pool)
-        replacement = self._new_actor(self.plans[fraction], self.slots.pop(dead))
+        self.pids.pop(dead, None)
+        slot = self.slots.pop(dead)
+        while True:
+            replacement = self._new_actor(self.plans[fraction], slot)
+            try:  # wait here, so its start-up never counts against a client's time limit
+                self._await_ready([replacement])
+                break
+            except RayActorError:  # died while starting (a chaos test, a node lost): again
+                self.slots.pop(replacement)
+                log.warning("a replacement client actor died while starting; starting another")
         self.pool[fraction] = [replacement if a is dead else a for a in self.pool[fraction]]
-        # Wait here, so its start-up never counts against a job's time limit.
-        self._await_ready(self.startup_timeout_s, [replacement])
         return replacement
 
     def shutdown(self) -> None:
         """Kill exactly the actors this pool created (never anything else of the user's)."""
         for actor in self.slots:
             ray.kill(actor, no_restart=True)
-        self.slots = {}
+        self.slots, self.pids = {}, {}
         self.pool = {f: [] for f in self.pool}

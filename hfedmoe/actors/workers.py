@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -54,14 +55,14 @@ class ClientWorker:
         state: ModelState,
         bytes_down: int,
         attempt: int,
-    ) -> tuple:
+    ) -> Iterator[ClientUpload | ClientReport | None]:
         """Train a chunk of clients, each from the global state, in order.
 
-        Returns (reports, upload_1, ..., upload_n) as separate objects: the driver fetches
-        the reports, the aggregator each upload. One call per chunk spreads Ray's per-call
-        cost over its clients.
+        Streams each client's upload and then its report as separate objects the moment
+        the client is done: the aggregator fetches the upload, the driver the report, and
+        a crash later in the chunk loses only the clients not yet streamed. One call per
+        chunk spreads Ray's per-call cost over its clients.
         """
-        reports, uploads = [], []
         for client_id, indices, budget in jobs:
             if attempt == 0 and (round_index, client_id) in self.cfg.faults.crash:
                 os._exit(1)  # injected fault: the process dies mid-task, as a real crash would
@@ -70,9 +71,8 @@ class ClientWorker:
             upload, report = train_client(
                 self.trainer, client_id, indices, budget, round_index, state, bytes_down
             )
-            reports.append(report)
-            uploads.append(upload)
-        return (reports, *uploads)
+            yield upload
+            yield report
 
 
 class AggregatorWorker:
@@ -83,17 +83,24 @@ class AggregatorWorker:
         self.cfg = cfg
         self.strategy = make_strategy(cfg.federation.strategy, cfg.hfedmoe)
         self.aggregator: RoundAggregator | None = None
+        self.crash_on_offer = False
 
-    def begin(self, state: ModelState) -> None:
+    def ready(self) -> int:
+        return os.getpid()
+
+    def begin(self, state: ModelState, round_index: int, attempt: int) -> None:
         fed = self.cfg.federation
         self.aggregator = RoundAggregator(
             state, self.strategy, self.cfg.hfedmoe.tau, fed.round_deadline_s
         )
+        self.crash_on_offer = attempt == 0 and round_index in self.cfg.faults.aggregator_crash
 
     def offer_many(
         self, reports: list[ClientReport], *uploads: ClientUpload | None
     ) -> list[str | None]:
         """Offer clients in order; for each, why it was left out, or None."""
+        if self.crash_on_offer:
+            os._exit(1)  # injected fault: the aggregator dies mid-round, state half summed
         return [
             self.aggregator.offer(report, upload)
             for report, upload in zip(reports, uploads, strict=True)

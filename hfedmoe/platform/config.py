@@ -342,6 +342,10 @@ class FaultConfig(_Section):
         default_factory=list,
         description="(round, client): the client stalls, first attempt, until its time limit",
     )
+    aggregator_crash: list[int] = Field(
+        default_factory=list,
+        description="rounds whose first attempt loses the aggregator actor mid-round",
+    )
 
 
 class ExperimentConfig(_Section):
@@ -375,6 +379,11 @@ class ExperimentConfig(_Section):
                         f"faults.{kind}: ({round_index}, {client}) names no round in "
                         f"[0, {fed.rounds}) and client in [0, {fed.num_clients})"
                     )
+        for round_index in self.faults.aggregator_crash:
+            if not 0 <= round_index < fed.rounds:
+                raise ValueError(
+                    f"faults.aggregator_crash: {round_index} names no round in [0, {fed.rounds})"
+                )
         return self
 
 
