@@ -61,6 +61,15 @@ def test_a_bad_search_value_fails_before_any_trial(tmp_path):
         load_sweep(two_kinds)
 
 
+def test_an_unreachable_sweep_tracking_server_fails_before_any_trial(tmp_path):
+    path = write_sweep(tmp_path, tracking_uri="http://127.0.0.1:5999")  # nothing listens
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"tracking_uri http://127.0.0.1:5999: no answer"):
+        run_sweep(path, progress=False)
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "sweeps").exists()  # nothing was started or written
+
+
 @pytest.mark.parametrize("name", ["sweep_smoke.yaml", "sweep_large.yaml"])
 def test_shipped_sweeps_load_and_every_probe_is_valid(name, monkeypatch):
     monkeypatch.chdir(REPO)  # their data paths are relative to the checkout
@@ -130,7 +139,18 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def finished_sweep(ray_address, mlflow_server, tmp_path_factory):
     directory = tmp_path_factory.mktemp("sweep")
-    path = write_sweep(directory, tracking_uri=mlflow_server, experiment="tiny-sweep")
+    # Half the trials fail right after their round-0 checkpoint; Tune retries each once.
+    search = {
+        "federation.strategy": {"grid": ["hfedmoe", "budget_random"]},
+        "faults.driver_crash": {"grid": [None, 0]},
+    }
+    path = write_sweep(
+        directory,
+        search=search,
+        max_failures=1,
+        tracking_uri=mlflow_server,
+        experiment="tiny-sweep",
+    )
     return run_sweep(path, progress=False)
 
 
@@ -153,8 +173,11 @@ def test_sweep_trials_are_child_runs_in_the_mlflow_server(finished_sweep, mlflow
     assert all(r["status"] == "OK" and r["round"] == 2 for r in finished_sweep.rows)
     with open(finished_sweep.sweep_dir / "trials.csv") as f:
         table = list(csv.DictReader(f))
-    assert {(r["hfedmoe.tau"], r["federation.strategy"]) for r in table} == {
-        ("0.1", "hfedmoe"), ("0.1", "budget_random"), ("0.3", "hfedmoe"), ("0.3", "budget_random")
+    # The failed trials were retried from their checkpoints and say so (values as
+    # labelled for Tune: None is "null").
+    assert {(r["faults.driver_crash"], r["federation.strategy"], r["attempts"]) for r in table} == {
+        ("null", "hfedmoe", "1"), ("null", "budget_random", "1"),
+        ("0", "hfedmoe", "2"), ("0", "budget_random", "2"),
     }  # fmt: skip
     experiment = _get(mlflow_server, "/api/2.0/mlflow/experiments/get-by-name",
                       experiment_name="tiny-sweep")["experiment"]  # fmt: skip
@@ -173,11 +196,13 @@ def test_sweep_trials_are_child_runs_in_the_mlflow_server(finished_sweep, mlflow
         run_id = child["info"]["run_id"]
         history = _get(mlflow_server, "/api/2.0/mlflow/metrics/get-history",
                        run_id=run_id, metric_key="accuracy")["metrics"]  # fmt: skip
-        assert sorted(m["step"] for m in history) == [0, 1]
+        assert sorted(m["step"] for m in history) == [0, 1]  # once each, retried or not
         params = {p["key"]: p["value"] for p in child["data"]["params"]}
         assert params["federation.rounds"] == "2"
     parent_run = _get(mlflow_server, "/api/2.0/mlflow/runs/get", run_id=parent)["run"]
     assert parent_run["info"]["status"] == "FINISHED"
+    parent_metrics = {m["key"]: m["value"] for m in parent_run["data"]["metrics"]}
+    assert parent_metrics["retried_trials"] == 2 and parent_metrics["failed_trials"] == 0
     files = _get(mlflow_server, "/api/2.0/mlflow/artifacts/list", run_id=parent)["files"]
     assert {"trials.csv", "best_config.yaml", "sweep.yaml"} <= {f["path"] for f in files}
     best = yaml.safe_load((finished_sweep.sweep_dir / "best_config.yaml").read_text())

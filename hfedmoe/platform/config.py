@@ -346,6 +346,11 @@ class FaultConfig(_Section):
         default_factory=list,
         description="rounds whose first attempt loses the aggregator actor mid-round",
     )
+    driver_crash: int | None = Field(
+        None,
+        description="the driver fails right after this round's checkpoint (a resumed run, "
+        "or a retried sweep trial, continues after it and so does not fail again)",
+    )
 
 
 class ExperimentConfig(_Section):
@@ -379,6 +384,9 @@ class ExperimentConfig(_Section):
                         f"faults.{kind}: ({round_index}, {client}) names no round in "
                         f"[0, {fed.rounds}) and client in [0, {fed.num_clients})"
                     )
+        crash = self.faults.driver_crash
+        if crash is not None and not 0 <= crash < fed.rounds:
+            raise ValueError(f"faults.driver_crash: {crash} names no round in [0, {fed.rounds})")
         for round_index in self.faults.aggregator_crash:
             if not 0 <= round_index < fed.rounds:
                 raise ValueError(

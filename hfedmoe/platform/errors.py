@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class Terminated(BaseException):
     """SIGTERM arrived during a run: it ends like on Ctrl-C (KILLED), unwinding callbacks."""
+
+
+class InjectedFault(RuntimeError):
+    """A fault the config asked for (``faults.driver_crash``): the run fails on purpose."""

@@ -305,10 +305,18 @@ def run_sweep(path: str | Path, progress: bool = True) -> SweepResult:
     from ray.tune.schedulers import ASHAScheduler
 
     from hfedmoe.actors.executor import connect
-    from hfedmoe.tracking.mlflow_run import experiment_id
+    from hfedmoe.tracking.mlflow_run import experiment_id, unreachable
 
     sweep, base_raw = load_sweep(path)
     base = parse_config(base_raw)
+    # The parent run must exist before any trial can nest under it: no buffering here.
+    problem = unreachable(sweep.tracking_uri) if sweep.tracking_uri else None
+    if problem is not None:
+        raise ConfigError(
+            f"sweep tracking_uri {sweep.tracking_uri}: {problem}. Start that server (e.g. "
+            "scripts/mlflow-server), correct tracking_uri, or leave it unset for a sqlite "
+            "store in the sweep's directory"
+        )
     storage = Path(sweep.storage_path).resolve()
     sweep_dir = storage / f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -388,9 +396,10 @@ def run_sweep(path: str | Path, progress: bool = True) -> SweepResult:
 class TuneReport(Callback):
     """Reports every round to Tune, with the trial's earlier rounds when it was retried."""
 
-    def __init__(self, trial_id: str, target: float | None) -> None:
+    def __init__(self, trial_id: str, target: float | None, attempt: int) -> None:
         self.trial_id = trial_id
         self.target = target
+        self.attempt = attempt  # 1 on the first try, 2 on Tune's first retry, ...
         self.started = time.perf_counter()
         self.startup_seconds: float | None = None
         self.seen: list[RoundMetrics] = []
@@ -405,7 +414,7 @@ class TuneReport(Callback):
             self.startup_seconds = time.perf_counter() - self.started - metrics.wall_seconds
         self.seen.append(metrics)
         progress = _progress(self.seen, self.target, self.trial_id)
-        tune.report({**progress, "startup_seconds": self.startup_seconds})
+        tune.report({**progress, "startup_seconds": self.startup_seconds, "attempts": self.attempt})
         return False
 
 
@@ -437,8 +446,12 @@ def _trial(
         }
     )
     run_dir = Path(sweep_dir) / "trials" / trial_id
-    # A retried trial continues from its last completed round.
+    # A retried trial continues from its last completed round, and counts its attempts.
     resume = run_dir if load_checkpoint(run_dir) is not None else None
+    attempts_file = Path(sweep_dir) / "trials" / f"{trial_id}.attempts"
+    attempt = int(attempts_file.read_text()) + 1 if attempts_file.is_file() else 1
+    attempts_file.parent.mkdir(parents=True, exist_ok=True)
+    attempts_file.write_text(str(attempt))
     device, capacity = client_share(cfg, per_trial)
     target = sweep.target_accuracy or cfg.federation.target_accuracy
     launch(
@@ -447,7 +460,7 @@ def _trial(
         resume=resume,
         progress=False,
         parent_run_id=parent_run_id,
-        callbacks=[TuneReport(trial_id, target)],
+        callbacks=[TuneReport(trial_id, target, attempt)],
         placement=(device, capacity, 0.0),
     )
 
@@ -486,6 +499,7 @@ def _row(sweep: SweepConfig, result) -> dict[str, Any]:
         "client_failures",
         "startup_seconds",
         "time_total_s",
+        "attempts",
     ):
         value = metrics.get(key)
         row[key] = (
@@ -513,6 +527,8 @@ def _finish_parent(client, parent_id, sweep, base_raw, sweep_dir: Path, rows, be
         print(f"best: {params} -> final accuracy {best['final_accuracy']:.4f} ({best_file})")
     failed = sum(1 for r in rows if r["status"] != "OK")
     client.log_metric(parent_id, "failed_trials", float(failed))
+    retried = sum(1 for r in rows if (r.get("attempts") or 1) > 1)
+    client.log_metric(parent_id, "retried_trials", float(retried))
     client.set_terminated(parent_id, status="FINISHED")
 
 
