@@ -250,3 +250,21 @@ def test_b8_paper_regime(tmp_path):
         assert len(run["rounds"]) == 2 and all(m["sampled"] == 3 for m in run["rounds"])
     assert (out / "bbc_news-accuracy.png").stat().st_size > 10_000
     assert "| moe_all_routed | 2 |" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (REPO.parent / "shared" / "data" / "ag_news" / "test.csv").is_file(),
+    reason="../shared/data/ag_news is not beside the checkout",
+)
+def test_b8_analysis(tmp_path):
+    run_script("b8_analysis.py", "--clients", "1", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "analysis.json").read_text())
+    union = report["union_by_batch_size"]
+    means = [union[str(b)]["mean"] for b in (1, 2, 4, 8, 16, 32)]
+    assert means[0] < means[3] and max(means) <= union["experts_total"]  # grows with B
+    failure = [r["all_routed_step_failure_rate"] for r in report["failure_curves"]["headroom"]]
+    assert failure == sorted(failure, reverse=True)  # more memory, fewer failures
+    [client] = report["expert_importance"]
+    assert client["trained_experts"] > 0 and -1 <= client["spearman_ib"] <= 1
+    assert (tmp_path / "union_and_failures.png").stat().st_size > 10_000
