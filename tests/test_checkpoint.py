@@ -81,6 +81,10 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(finished, tmp_pat
     ]
     assert resumed.history.clients == whole.history.clients
     np.testing.assert_array_equal(np.stack(resumed.history.usage), np.stack(whole.history.usage))
+    by_group, whole_by_group = resumed.history.usage_by_group(), whole.history.usage_by_group()
+    assert list(by_group) == list(whole_by_group) == ["fast", "slow"]  # tiny.yaml's tiers
+    for group, usage in whole_by_group.items():
+        np.testing.assert_array_equal(by_group[group], usage)
     assert_same_state(resumed.state, whole.state)
     # What a second resume would read is the rerun, not the stale record.
     reloaded = load_checkpoint(run_dir)

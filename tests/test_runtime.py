@@ -25,7 +25,8 @@ from hfedmoe.platform.budgets.drawing import draw_budgets
 from hfedmoe.platform.callbacks import Checkpointer
 from hfedmoe.platform.checkpoint import load_checkpoint, new_run_dir
 from hfedmoe.platform.config import parse_config
-from hfedmoe.platform.engine import Callback, run, sample_clients
+from hfedmoe.platform.engine import run, sample_clients
+from hfedmoe.platform.errors import InjectedFault
 from hfedmoe.platform.executors import run_in_process
 from hfedmoe.platform.records import BatchRouting
 from hfedmoe.platform.strategies import Strategy, register
@@ -226,18 +227,6 @@ def test_dead_aggregator_is_replaced_and_its_round_rerun(ray_address, tmp_path):
     assert_same_run(expected_history, expected_state, result.history, result.state)
 
 
-class DriverDies(Callback):
-    """The driver fails after a round (an exception; the SIGKILL case has its own test)."""
-
-    def __init__(self, last_round: int) -> None:
-        self.last_round = last_round
-
-    def after_round(self, run, metrics) -> bool:
-        if metrics.round == self.last_round:
-            raise RuntimeError("the driver died")
-        return False
-
-
 def test_a_run_under_chaos_ends_where_the_fault_free_run_ends(ray_address, tmp_path):
     """Random actor kills and stalls, crashed, stalled and lost-aggregator rounds, a failed
     driver and a resume: the same final weights and deterministic metrics as without."""
@@ -248,16 +237,16 @@ def test_a_run_under_chaos_ends_where_the_fault_free_run_ends(ray_address, tmp_p
         tmp_path,
         tracking={"enabled": False},
         federation=federation,
-        faults=faults,
+        faults={**faults, "driver_crash": 2},  # after round 2's checkpoint
         runtime={"retries": 10, "client_timeout_s": 8},
     )
     run_dir = new_run_dir(chaotic, tmp_path / "chaos")
     first, second = RayExecutor(), RayExecutor()
     with (
         ChaosMonkey(first, seed=1, mean_interval_s=1.0, max_strikes=3) as monkey_1,
-        pytest.raises(RuntimeError, match="the driver died"),
+        pytest.raises(InjectedFault, match="driver fails after round 2"),
     ):
-        run(chaotic, first, [Checkpointer(), DriverDies(last_round=2)], run_dir)
+        run(chaotic, first, [Checkpointer()], run_dir)
     with ChaosMonkey(second, seed=2, mean_interval_s=1.0, max_strikes=3) as monkey_2:
         result = run(chaotic, second, [Checkpointer()], run_dir, resume=True)
 
@@ -386,6 +375,7 @@ def test_cli_run_on_the_default_config_logs_a_complete_mlflow_run(ray_address, t
         "config.yaml",
         "learning_curves.png",
         "expert_usage.png",
+        "expert_usage_by_group.png",
         "selected_vs_budget.png",
         "rounds.json",
         "split.json",

@@ -187,7 +187,31 @@ def record_round(history: History, fed: Federation, metrics: RoundMetrics, repor
     usage = [r.usage for r in reports if not r.failed]
     if usage:
         history.usage.append(np.sum(usage, axis=0) / len(usage))
+    groups: dict[str, tuple[np.ndarray, int]] = {}
+    for r in reports:
+        if not r.failed:
+            group = client_group(fed, r.client_id, r.capacity)
+            total, count = groups.get(group, (0.0, 0))
+            groups[group] = (total + r.usage, count + 1)
+    history.group_usage.append(groups)
     history.rounds.append(metrics)
+
+
+MAX_NAMED_GROUPS = 12
+
+
+def client_group(fed: Federation, client_id: int, capacity: int) -> str:
+    """The group a client's expert usage is shown under: its budget tier, or, where tiers
+    are too many to show (device traces: one per device), its C_budget in quarters."""
+    names = fed.budgets.tier_names
+    if len(names) <= MAX_NAMED_GROUPS:
+        return names[fed.budgets.tier[client_id]]
+    fp = fed.footprint
+    experts = fp.num_experts_total
+    if fed.cfg.hfedmoe.budget_scope == "per_layer":
+        experts //= fp.num_moe_layers
+    quarter = min(3, 4 * capacity // experts)
+    return f"C_budget {25 * quarter}-{25 * (quarter + 1)}%"
 
 
 def run(

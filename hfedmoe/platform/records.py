@@ -178,6 +178,8 @@ class History:
     rounds: list[RoundMetrics] = field(default_factory=list)
     clients: list[ClientRecord] = field(default_factory=list)
     usage: list[np.ndarray] = field(default_factory=list)  # per round: mean u_c(e), [L, E]
+    # per round: client group -> (sum of its successful clients' u_c(e) [L, E], clients)
+    group_usage: list[dict[str, tuple[np.ndarray, int]]] = field(default_factory=list)
 
     def final_accuracy(self) -> float | None:
         evaluated = [r.accuracy for r in self.rounds if r.accuracy is not None]
@@ -206,6 +208,10 @@ class History:
             "metrics": asdict(metrics),
             "clients": clients[::-1],
             "usage": self.usage[-1].tolist() if metrics.succeeded else None,
+            "group_usage": {
+                group: {"sum": total.tolist(), "clients": count}
+                for group, (total, count) in self.group_usage[-1].items()
+            },
         }
 
     @classmethod
@@ -217,4 +223,18 @@ class History:
             history.clients.extend(ClientRecord(**c) for c in record["clients"])
             if record["usage"] is not None:
                 history.usage.append(np.asarray(record["usage"]))
+            groups = record.get("group_usage", {})  # absent from runs of older versions
+            history.group_usage.append(
+                {g: (np.asarray(v["sum"]), v["clients"]) for g, v in groups.items()}
+            )
         return history
+
+    def usage_by_group(self) -> dict[str, np.ndarray]:
+        """Mean u_c(e) [L, E] of each client group over the whole run, groups sorted."""
+        totals: dict[str, list] = {}
+        for round_groups in self.group_usage:
+            for group, (total, count) in round_groups.items():
+                entry = totals.setdefault(group, [0.0, 0])
+                entry[0] = entry[0] + total
+                entry[1] += count
+        return {g: totals[g][0] / totals[g][1] for g in sorted(totals)}

@@ -290,6 +290,7 @@ def write_artifacts(
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     plots.learning_curves(history, out / "learning_curves.png")
     plots.usage_heatmap(history, out / "expert_usage.png")
+    plots.usage_by_group_heatmap(history, out / "expert_usage_by_group.png")
     plots.selected_vs_budget(history, out / "selected_vs_budget.png")
     (out / "rounds.json").write_text(json.dumps([asdict(r) for r in history.rounds], indent=1))
     (out / "clients.json").write_text(json.dumps([asdict(c) for c in history.clients]))

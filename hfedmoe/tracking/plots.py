@@ -50,6 +50,29 @@ def usage_heatmap(history: History, path: Path) -> Path:
     return path
 
 
+def usage_by_group_heatmap(history: History, path: Path) -> Path:
+    """Mean expert usage u_c(e) of each client group (tier or C_budget quarter), every
+    expert of every layer side by side: which experts weak and strong clients route to."""
+    groups = history.usage_by_group()
+    if groups:
+        matrix = np.stack([usage.reshape(-1) for usage in groups.values()])
+        layers, experts = next(iter(groups.values())).shape
+    else:
+        matrix, layers, experts = np.zeros((1, 1)), 1, 1
+    fig = Figure(figsize=(min(20, max(8, 3 + 0.08 * matrix.shape[1])), 1.8 + 0.45 * len(matrix)))
+    ax = fig.subplots()
+    image = ax.imshow(matrix, cmap="viridis", aspect="auto", interpolation="nearest")
+    for boundary in range(1, layers):
+        ax.axvline(boundary * experts - 0.5, color="white", linewidth=0.8)
+    ax.set(xlabel=f"expert ({layers} layers x {experts}, layer by layer)")
+    ax.set_yticks(range(len(matrix)), list(groups) or ["(no client succeeded)"])
+    ax.set_title("mean expert usage u_c(e) by client group")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def selected_vs_budget(history: History, path: Path) -> Path:
     """Experts trained per step against what each client's C_budget allows, by tier.
 
