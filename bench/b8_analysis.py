@@ -195,6 +195,8 @@ def plot(union: dict, curves: dict, path: Path, setting: float) -> None:
     right.set(
         xscale="log", xlabel="memory scale (device RAM x scale = headroom)", ylabel="rate / share"
     )
+    right.set_xticks(scales, [f"{s:g}" for s in scales])
+    right.minorticks_off()
     right.legend(fontsize=8)
     for ax in (left, right):
         ax.grid(alpha=0.3)

@@ -268,3 +268,12 @@ def test_b8_analysis(tmp_path):
     [client] = report["expert_importance"]
     assert client["trained_experts"] > 0 and -1 <= client["spearman_ib"] <= 1
     assert (tmp_path / "union_and_failures.png").stat().st_size > 10_000
+
+
+def test_b10_checkpoint_size(tmp_path):
+    run_script("b10_checkpoint_size.py", "--out", str(tmp_path / "b10.json"))
+    report = json.loads((tmp_path / "b10.json").read_text())
+    assert report["rounds"] == 12 and len(report["rows"]) == 12
+    # Rewriting the history would add one record (history_appended) per round, per round;
+    # records differ only in the digits of their numbers, far less than a tenth of one.
+    assert abs(report["bytes_per_round_slope"]) < 0.1 * report["history_appended_min"]
