@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.adam import adam
 
+from hfedmoe.platform.aggregation import expert_usage
 from hfedmoe.platform.budgets.cost import (
     ModelFootprint,
     client_round_seconds,
@@ -195,7 +196,7 @@ class LocalTrainer:
             report.seconds += report.compute_seconds
             return None, report
         report.loss = tally.loss_sum / max(tally.samples, 1)
-        report.usage = (tally.prob_sum / max(tally.samples, 1)).numpy()  # eq 16, samples seen
+        report.usage = expert_usage(tally.prob_sum.numpy(), tally.samples)  # the samples seen
         report.importance = (tally.importance_sum / max(tally.steps, 1)).numpy()
         report.trained = tally.trained.numpy()
         report.experts_per_step = tally.selected / max(tally.steps, 1)
