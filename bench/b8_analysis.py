@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from b8_paper_regime import config
+from b8_paper_regime import config, regime_arguments
 from common import machine_info
 from matplotlib.figure import Figure
 from scipy.stats import spearmanr
@@ -206,12 +206,8 @@ def plot(union: dict, curves: dict, path: Path, setting: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", type=Path, default=Path("../shared/data/ag_news"))
-    parser.add_argument("--traces", type=Path, default=Path("../shared/data/device_traces"))
-    parser.add_argument("--memory-scale", type=float, default=0.005)
-    parser.add_argument("--rounds", type=int, default=30)
+    regime_arguments(parser)
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--quick", action="store_true", help="tiny settings, for smoke tests")
     parser.add_argument("--out", type=Path, default=Path("bench/results/b8"))
     args = parser.parse_args()
     args.data, args.traces = args.data.resolve(), args.traces.resolve()

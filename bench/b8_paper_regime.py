@@ -172,14 +172,19 @@ def table(records: list[dict], strategies: list[str], target: float) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def regime_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments `config` reads; b8_analysis takes the same, so both see one regime."""
     parser.add_argument("--data", type=Path, default=Path("../shared/data/ag_news"))
     parser.add_argument("--traces", type=Path, default=Path("../shared/data/device_traces"))
     parser.add_argument("--memory-scale", type=float, default=0.005)
     parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--only", choices=sorted(PLAN), help="run one data set's share only")
     parser.add_argument("--quick", action="store_true", help="tiny settings, for smoke tests")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    regime_arguments(parser)
+    parser.add_argument("--only", choices=sorted(PLAN), help="run one data set's share only")
     parser.add_argument("--out", type=Path, default=Path("bench/results/b8"))
     args = parser.parse_args()
     args.data, args.traces = args.data.resolve(), args.traces.resolve()

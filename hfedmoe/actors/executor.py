@@ -196,7 +196,8 @@ class RayExecutor:
         gives exactly the result the lost attempt would have given.
         """
         retries = self.fed.cfg.runtime.retries
-        for attempt in range(retries + 1):
+        attempt = 0
+        while True:
             try:
                 return self._attempt_round(round_index, clients, state, attempt)
             except AggregatorDied:
@@ -213,7 +214,7 @@ class RayExecutor:
                 self.events.append(
                     FaultEvent("aggregator_died", old_pid, self.aggregator_pid, tuple(clients))
                 )
-        raise AssertionError("unreachable")
+                attempt += 1
 
     def _attempt_round(
         self, round_index: int, clients: list[int], state: ModelState, attempt: int
