@@ -23,6 +23,9 @@ from hfedmoe.platform.aggregation import (
     expert_usage,
     fedavg,
     gate_weights,
+    lora_delta,
+    lora_pairs,
+    refactor_low_rank,
     routing_consistency,
     routing_preference,
     routing_set,
@@ -550,3 +553,367 @@ def test_order_of_clients_does_not_matter(expert_rule, gate_rule, normalise):
         np.testing.assert_allclose(first.shared["head"], second.shared["head"], atol=1e-12)
         np.testing.assert_array_equal(report_first.contributors, report_second.contributors)
         assert sorted(report_first.consistency) == pytest.approx(sorted(report_second.consistency))
+
+
+# ----------------------------------------------------------------------------- LoRA
+#
+# Tolerances. The aggregator accumulates B_c @ A_c in float64 and re-factors in float64, so
+# its only error that matters is casting the new factors to float32: each entry of B and A
+# moves by at most u = 2**-24 = EPS32/2 relative (one rounding each). To first order the
+# product moves by dB A + B dA, with ||dB A||_F <= u ||B||_F ||A||_2. With B = U sqrt(S),
+# A = sqrt(S) V^T: ||B||_F = sqrt(sum_k s_k) <= sqrt(r s_1) and ||A||_2 = sqrt(s_1), so
+# ||dB A + B dA||_F <= 2 u sqrt(r) s_1 = sqrt(r) EPS32 s_1 <= sqrt(r) EPS32 ||delta||_F.
+# We allow twice that (two casts, with the same margin again for the float64 SVD and the
+# differently ordered float64 sums of the reference, each ~1e-16 relative and negligible).
+
+EPS32 = float(np.finfo(np.float32).eps)  # 2**-23
+EPS64 = float(np.finfo(np.float64).eps)
+SHARED_A, SHARED_B = "x.lora_A.default.weight", "x.lora_B.default.weight"
+EXPERT_PAIRS = (("lora_A_in", "lora_B_in"), ("lora_A_out", "lora_B_out"))
+
+
+def _delta_tolerance(rank: int, delta: np.ndarray) -> np.ndarray:
+    """2 sqrt(r) EPS32 ||delta||_F per trailing matrix (see the derivation above)."""
+    return 2 * np.sqrt(rank) * EPS32 * np.linalg.norm(delta, axis=(-2, -1))
+
+
+def _delta_error(b: np.ndarray, a: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """||b @ a - expected||_F per trailing matrix, the product taken in float64."""
+    got = lora_delta(b.astype(np.float64), a.astype(np.float64))
+    return np.linalg.norm(got - expected, axis=(-2, -1))
+
+
+def test_lora_delta_by_hand():
+    # [[1, 2], [3, 4]] @ [[5, 6, 7], [8, 9, 10]]
+    #   row 0: [1*5 + 2*8, 1*6 + 2*9, 1*7 + 2*10] = [21, 24, 27]
+    #   row 1: [3*5 + 4*8, 3*6 + 4*9, 3*7 + 4*10] = [47, 54, 61]
+    b = np.array([[1.0, 2.0], [3.0, 4.0]])
+    a = np.array([[5.0, 6.0, 7.0], [8.0, 9.0, 10.0]])
+    np.testing.assert_array_equal(lora_delta(b, a), [[21, 24, 27], [47, 54, 61]])
+    # Batched over a leading (expert) dim: the second B is 2 I, so its delta is 2 A.
+    got = lora_delta(np.stack([b, 2 * np.eye(2)]), np.stack([a, a]))
+    assert got.shape == (2, 2, 3)
+    np.testing.assert_array_equal(got[1], [[10, 12, 14], [16, 18, 20]])
+    # Rank 1: an outer product, [1, 2]^T [3, 4] = [[3, 4], [6, 8]].
+    np.testing.assert_array_equal(
+        lora_delta(np.array([[1.0], [2.0]]), np.array([[3.0, 4.0]])), [[3, 4], [6, 8]]
+    )
+
+
+def test_refactor_low_rank_by_hand():
+    # diag(9, 4, 1): singular values 9, 4, 1 with unit-vector singular vectors (up to sign).
+    # Rank 2 drops the 1: b @ a = diag(9, 4, 0), b = [e0*3, e1*2], a = [3 e0^T, 2 e1^T]:
+    # sqrt(S) = [3, 2] on both sides. LAPACK's SVD is backward stable, errors of order
+    # n EPS64 ||delta||_2 = 3 * 9 EPS64; we allow 10x that.
+    atol = 10 * 3 * 9 * EPS64
+    b, a = refactor_low_rank(np.diag([9.0, 4.0, 1.0]), 2)
+    assert b.shape == (3, 2) and a.shape == (2, 3)
+    np.testing.assert_allclose(b @ a, np.diag([9.0, 4.0, 0.0]), rtol=0, atol=atol)
+    np.testing.assert_allclose(np.abs(b), [[3, 0], [0, 2], [0, 0]], rtol=0, atol=atol)
+    np.testing.assert_allclose(np.abs(a), [[3, 0, 0], [0, 2, 0]], rtol=0, atol=atol)
+
+    # Batched, non-square [2, 3, 2]:
+    #   [[0, 2], [5, 0], [0, 0]]: singular values 5, 2 -> rank 1 keeps [[0, 0], [5, 0], [0, 0]]
+    #   [[1, 0], [0, 0], [0, 3]]: singular values 3, 1 -> rank 1 keeps [[0, 0], [0, 0], [0, 3]]
+    delta = np.array([[[0.0, 2.0], [5.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0], [0.0, 3.0]]])
+    b, a = refactor_low_rank(delta.astype(np.float32), 1)
+    assert b.shape == (2, 3, 1) and a.shape == (2, 1, 2)
+    assert b.dtype == np.float64 and a.dtype == np.float64  # computed in float64
+    kept = np.array([[[0, 0], [5, 0], [0, 0]], [[0, 0], [0, 0], [0, 3]]], dtype=float)
+    np.testing.assert_allclose(b @ a, kept, rtol=0, atol=10 * 3 * 5 * EPS64)
+    # Eckart-Young: the Frobenius error is the dropped singular value, 2 and 1.
+    np.testing.assert_allclose(
+        np.linalg.norm(b @ a - delta, axis=(-2, -1)), [2.0, 1.0], rtol=0, atol=10 * 3 * 5 * EPS64
+    )
+
+    # rank > min(out, in) = 2: exact, padded with a zero direction.
+    b, a = refactor_low_rank(delta, 3)
+    assert b.shape == (2, 3, 3) and a.shape == (2, 3, 2)
+    np.testing.assert_allclose(b @ a, delta, rtol=0, atol=10 * 3 * 5 * EPS64)
+    assert (b[..., 2] == 0).all() and (a[..., 2, :] == 0).all()
+
+
+def test_lora_pairs_are_found_by_name_and_checked():
+    tensors = {
+        "lora_A_in": np.zeros((3, 2, 5)),
+        "lora_B_in": np.zeros((3, 4, 2)),
+        "w": np.zeros((3, 2)),
+        "lonely.lora_A.weight": np.zeros((2, 5)),  # no lora_B partner: not a pair
+    }
+    assert lora_pairs(tensors) == [("lora_A_in", "lora_B_in")]
+    # B's rank (last dim) must match A's rank (second-to-last dim).
+    with pytest.raises(ValueError, match="lora_A_in"):
+        lora_pairs({**tensors, "lora_B_in": np.zeros((3, 4, 3))})
+
+
+def _lora_previous(rank: int, out: int, inp: int, seed: int = 0) -> ModelState:
+    """Random float32 state, one MoE layer of E experts.
+
+    Experts: "w" [E, 2]; "lora_A_in" [E, r, inp] / "lora_B_in" [E, out, r];
+    "lora_A_out" [E, r, out] / "lora_B_out" [E, inp, r]. Shared: "head" [2] and the
+    peft-style pair SHARED_A [r, inp] / SHARED_B [out, r]. Gates: "router" [E, 2].
+    """
+    rng = np.random.default_rng(seed)
+
+    def f32(*shape):
+        return rng.normal(size=shape).astype(np.float32)
+
+    return ModelState(
+        shared={"head": f32(2), SHARED_A: f32(rank, inp), SHARED_B: f32(out, rank)},
+        gates={"router": f32(E, 2)},
+        experts=[
+            {
+                "w": f32(E, 2),
+                "lora_A_in": f32(E, rank, inp),
+                "lora_B_in": f32(E, out, rank),
+                "lora_A_out": f32(E, rank, out),
+                "lora_B_out": f32(E, inp, rank),
+            }
+        ],
+    )
+
+
+def _lora_update(client_id, size, usage, index, experts, shared):
+    """(report, upload) for one MoE layer; experts: name -> [len(index), ...] rows."""
+    usage = np.asarray(usage, dtype=float)
+    report = ClientReport(client_id, size, usage=usage, importance=np.ones_like(usage), loss=1.0)
+    upload = ClientUpload(
+        shared=shared,
+        gates={"router": np.zeros((E, 2), dtype=np.float32)},
+        experts=[{"index": np.asarray(index, dtype=np.int64), **experts}],
+    )
+    return report, upload
+
+
+def _lora_round(previous, updates, mode):
+    """Aggregate with the hfedmoe strategy (eq 17 for experts, |D_c| for shared)."""
+    strategy = make_strategy("hfedmoe", HFedMoEConfig(tau=TAU))
+    agg = RoundAggregator(previous, strategy, TAU, deadline_s=None, lora_aggregate=mode)
+    for report, upload in updates:
+        assert agg.offer(report, upload) is None
+    return agg.finalize()
+
+
+# The hand case: rank 1, 2x2 adapters, E = 3, tau = 0.1.
+#   Client 0: |D| = 10, delta e0 = [1, 0]^T [1, 0] = diag(1, 0), w [1, -1], head [1, 2]
+#   Client 1: |D| = 30, delta e0 = [0, 1]^T [0, 1] = diag(0, 1), w [3, -3], head [5, 6]
+# Both upload experts {0, 1}, with usage 0.5 on e0 and 0.05 < tau on e1 (weight 0); e2 is
+# not uploaded. Eq 17 on e0 and |D_c| on shared: weights 10/40 = 0.25 and 30/40 = 0.75.
+#   average of the deltas: 0.25 diag(1, 0) + 0.75 diag(0, 1) = diag(0.25, 0.75)
+#   product, rank 1: diag(0, 0.75), B = +-[0, sqrt(.75)]^T, A = +-[0, sqrt(.75)];
+#                    error ||diag(0.25, 0)||_F = 0.25, the dropped singular value
+#   factors: B = 0.25 [1, 0]^T + 0.75 [0, 1]^T = [0.25, 0.75]^T, A = [0.25, 0.75],
+#            B A = [[0.0625, 0.1875], [0.1875, 0.5625]]; error
+#            ||[[-0.1875, 0.1875], [0.1875, -0.1875]]||_F = sqrt(4 * 0.1875^2) = 0.375 > 0.25
+#   w e0: 0.25 * 1 + 0.75 * 3 = 2.5; head: 0.25 [1, 2] + 0.75 [5, 6] = [4, 5] (both modes)
+HAND_AVERAGE = np.diag([0.25, 0.75])
+HAND_FACTORS_DELTA = np.array([[0.0625, 0.1875], [0.1875, 0.5625]])
+
+
+def _hand_updates():
+    updates = []
+    for client_id, size, vec, value, head in [
+        (0, 10, [1.0, 0.0], 1.0, [1.0, 2.0]),
+        (1, 30, [0.0, 1.0], 3.0, [5.0, 6.0]),
+    ]:
+        b = np.array(vec, dtype=np.float32).reshape(2, 1)  # [out, r]
+        a = b.T.copy()  # [r, in]
+        junk = np.full((1, 2, 2), 7.0, dtype=np.float32)  # e1 rows: weight 0, must not count
+        rows_b = np.concatenate([b[None], junk[:, :, :1]])  # [2 experts, out, r]
+        rows_a = np.concatenate([a[None], junk[:, :1, :]])  # [2 experts, r, in]
+        experts = {
+            "w": np.array([[value, -value], [7.0, -7.0]], dtype=np.float32),
+            "lora_A_in": rows_a,
+            "lora_B_in": rows_b,
+            "lora_A_out": rows_a.copy(),
+            "lora_B_out": rows_b.copy(),
+        }
+        shared = {"head": np.array(head, dtype=np.float32), SHARED_A: a, SHARED_B: b}
+        usage = [[0.5, 0.05, 0.0]]
+        updates.append(_lora_update(client_id, size, usage, [0, 1], experts, shared))
+    return updates
+
+
+def _hand_round(mode):
+    previous = _lora_previous(rank=1, out=2, inp=2)
+    state, report = _lora_round(previous, _hand_updates(), mode)
+    return previous, state, report
+
+
+def test_lora_product_error_is_the_eckart_young_tail_and_factors_is_not():
+    _, product, _ = _hand_round("product")
+    _, factors, _ = _hand_round("factors")
+    tol = _delta_tolerance(1, HAND_AVERAGE)  # ||diag(.25, .75)||_F ~ 0.79
+    adapters = [(product.shared[SHARED_B], product.shared[SHARED_A])]
+    adapters += [(product.experts[0][b][0], product.experts[0][a][0]) for a, b in EXPERT_PAIRS]
+    for b, a in adapters:
+        assert b.dtype == np.float32 and a.dtype == np.float32
+        assert _delta_error(b, a, np.diag([0.0, 0.75])) <= tol  # the best rank-1 approximation
+        assert abs(_delta_error(b, a, HAND_AVERAGE) - 0.25) <= tol  # the dropped singular value
+        # sqrt(S) split: one float32 cast (rtol EPS32 = 2u); the zero entry is a float64 SVD
+        # residual, ~EPS64 ||delta|| / gap = EPS64 * 0.75 / 0.5, allowed 10x.
+        for factor in (b, a):
+            np.testing.assert_allclose(
+                np.abs(factor.ravel()), [0.0, np.sqrt(0.75)], rtol=EPS32, atol=15 * EPS64
+            )
+    adapters = [(factors.shared[SHARED_B], factors.shared[SHARED_A])]
+    adapters += [(factors.experts[0][b][0], factors.experts[0][a][0]) for a, b in EXPERT_PAIRS]
+    for b, a in adapters:
+        # 0.25, 0.75 and their products are exact in binary: the float32 result is exact.
+        np.testing.assert_array_equal(lora_delta(b, a), HAND_FACTORS_DELTA)
+        assert abs(_delta_error(b, a, HAND_AVERAGE) - 0.375) <= tol  # worse than the tail
+
+
+def test_lora_factors_mode_averages_a_and_b_separately_by_hand():
+    _, state, _ = _hand_round("factors")
+    # Every value below is exact in float32 (sums of multiples of 1/4 and 3/4 of 0, 1, 3).
+    for a_name, b_name in EXPERT_PAIRS:
+        np.testing.assert_array_equal(state.experts[0][b_name][0], [[0.25], [0.75]])
+        np.testing.assert_array_equal(state.experts[0][a_name][0], [[0.25, 0.75]])
+    np.testing.assert_array_equal(state.shared[SHARED_B], [[0.25], [0.75]])
+    np.testing.assert_array_equal(state.shared[SHARED_A], [[0.25, 0.75]])
+
+
+@pytest.mark.parametrize("mode", ["factors", "product"])
+def test_lora_modes_leave_other_tensors_alone(mode):
+    _, state, _ = _hand_round(mode)
+    np.testing.assert_array_equal(state.experts[0]["w"][0], [2.5, -2.5])
+    np.testing.assert_array_equal(state.shared["head"], [4.0, 5.0])
+    # The new state lists its tensors in the previous state's order.
+    previous = _lora_previous(rank=1, out=2, inp=2)
+    assert list(state.shared) == list(previous.shared)
+    assert list(state.experts[0]) == list(previous.experts[0])
+
+
+def test_lora_product_keeps_untrained_experts():
+    previous, state, report = _hand_round("product")
+    # e1 was uploaded below tau (weight 0), e2 not at all: A and B rows bit-for-bit unchanged.
+    np.testing.assert_array_equal(report.contributors, [[2, 0, 0]])
+    for name in ("w", *[n for pair in EXPERT_PAIRS for n in pair]):
+        now, old = state.experts[0][name], previous.experts[0][name]
+        assert now.dtype == old.dtype and now.shape == old.shape
+        assert now[1:].tobytes() == old[1:].tobytes()
+        assert not np.shares_memory(now, old)
+        assert now[0].tobytes() != old[0].tobytes()
+
+
+def test_lora_product_without_shared_uploads_keeps_the_shared_pair():
+    previous = _lora_previous(rank=1, out=2, inp=2)
+    updates = _hand_updates()
+    for _, upload in updates:
+        upload.shared = {}
+    state, _ = _lora_round(previous, updates, "product")
+    for name in (SHARED_A, SHARED_B, "head"):
+        assert state.shared[name].tobytes() == previous.shared[name].tobytes()
+
+
+def test_lora_product_is_the_weighted_average_of_deltas_when_ranks_allow():
+    # Clients share each expert's A (and the shared A) and differ in B, with eq 17 weights
+    # that differ per expert (SIZES and USAGE as in the eq 17 test: e0 [0.25, 0.75, 0],
+    # e1 [0, 1/3, 2/3], e2 [1/7, 0, 6/7]); sum_c w_c B_c A = (sum_c w_c B_c) A has rank <= r,
+    # so the re-factored product is the average of the deltas up to the cast.
+    rank, out, inp = 2, 4, 3
+    rng = np.random.default_rng(11)
+    previous = _lora_previous(rank, out, inp)
+    num_clients = len(SIZES)
+    usage = USAGE[:, None, :E]  # [C, L=1, E]
+    common = {"lora_A_in": (rank, inp), "lora_A_out": (rank, out)}
+    own = {"lora_B_in": (out, rank), "lora_B_out": (inp, rank), "w": (2,)}
+    a_rows = {k: rng.normal(size=(E, *shape)).astype(np.float32) for k, shape in common.items()}
+    b_rows = {
+        k: rng.normal(size=(num_clients, E, *shape)).astype(np.float32) for k, shape in own.items()
+    }
+    shared_a = rng.normal(size=(rank, inp)).astype(np.float32)
+    shared_b = rng.normal(size=(num_clients, out, rank)).astype(np.float32)
+    updates = [
+        _lora_update(
+            c,
+            int(SIZES[c]),
+            usage[c],
+            np.arange(E),
+            {**a_rows, **{k: v[c] for k, v in b_rows.items()}},
+            {"head": np.zeros(2, np.float32), SHARED_A: shared_a, SHARED_B: shared_b[c]},
+        )
+        for c in range(num_clients)
+    ]
+    state, _ = _lora_round(previous, updates, "product")
+
+    weights = eq17_weights(SIZES, usage, TAU)[:, 0]  # [C, E]
+    assert (weights > 0).sum(axis=0).tolist() == [2, 2, 2]  # two clients per expert
+    for a_name, b_name in EXPERT_PAIRS:
+        deltas = lora_delta(b_rows[b_name].astype(np.float64), a_rows[a_name].astype(np.float64))
+        expected = np.einsum("ce,ceij->eij", weights, deltas)  # [E, out, in]
+        got_b, got_a = state.experts[0][b_name], state.experts[0][a_name]
+        assert got_b.dtype == np.float32 and got_a.dtype == np.float32
+        assert got_b.shape == (E, *previous.experts[0][b_name].shape[1:])
+        assert (_delta_error(got_b, got_a, expected) <= _delta_tolerance(rank, expected)).all()
+    expected = np.einsum("c,cij->ij", SIZES / SIZES.sum(), shared_b.astype(np.float64)) @ shared_a
+    err = _delta_error(state.shared[SHARED_B], state.shared[SHARED_A], expected)
+    assert err <= _delta_tolerance(rank, expected)
+    # The non-LoRA "w" is the eq 17 average as before (float32 cast: rtol 1e-6, see the top).
+    np.testing.assert_allclose(
+        state.experts[0]["w"], np.einsum("ce,ced->ed", weights, b_rows["w"]), rtol=1e-6
+    )
+
+
+def test_lora_product_error_is_the_tail_when_ranks_do_not_allow():
+    # Independent A_c and B_c: the 4x3 average of three rank-2 deltas has rank 3 > r = 2,
+    # so the product mode's error is the third singular value of the true average, and
+    # factors mode (a rank-2 delta too) cannot do better.
+    rank, out, inp = 2, 4, 3
+    rng = np.random.default_rng(12)
+    previous = _lora_previous(rank, out, inp)
+    num_clients = len(SIZES)
+    usage = USAGE[:, None, :E]
+    shapes = {
+        "lora_A_in": (rank, inp),
+        "lora_B_in": (out, rank),
+        "lora_A_out": (rank, out),
+        "lora_B_out": (inp, rank),
+        "w": (2,),
+    }
+    rows = {k: rng.normal(size=(num_clients, E, *v)).astype(np.float32) for k, v in shapes.items()}
+    updates = [
+        _lora_update(
+            c,
+            int(SIZES[c]),
+            usage[c],
+            np.arange(E),
+            {k: v[c] for k, v in rows.items()},
+            {
+                "head": np.zeros(2, np.float32),
+                SHARED_A: rows["lora_A_in"][c, 0],  # expert 0's adapter reused as shared
+                SHARED_B: rows["lora_B_in"][c, 0],
+            },
+        )
+        for c in range(num_clients)
+    ]
+    product, _ = _lora_round(previous, updates, "product")
+    factors, _ = _lora_round(previous, updates, "factors")
+
+    weights = eq17_weights(SIZES, usage, TAU)[:, 0]  # [C, E]
+    for a_name, b_name in EXPERT_PAIRS:
+        deltas = lora_delta(rows[b_name].astype(np.float64), rows[a_name].astype(np.float64))
+        average = np.einsum("ce,ceij->eij", weights, deltas)
+        singular = np.linalg.svd(average, compute_uv=False)  # [E, 3]
+        assert (singular[:, rank] > 1e-3 * singular[:, 0]).all()  # really rank 3
+        tail = np.sqrt((singular[:, rank:] ** 2).sum(axis=-1))
+        tol = _delta_tolerance(rank, average)
+        err = _delta_error(product.experts[0][b_name], product.experts[0][a_name], average)
+        assert (np.abs(err - tail) <= tol).all()
+        err = _delta_error(factors.experts[0][b_name], factors.experts[0][a_name], average)
+        assert (err >= tail - tol).all()
+    average = np.einsum(
+        "c,cij->ij",
+        SIZES / SIZES.sum(),
+        lora_delta(rows["lora_B_in"][:, 0].astype(float), rows["lora_A_in"][:, 0].astype(float)),
+    )
+    tail = np.linalg.svd(average, compute_uv=False)[rank]
+    err = _delta_error(product.shared[SHARED_B], product.shared[SHARED_A], average)
+    assert abs(err - tail) <= _delta_tolerance(rank, average)
+
+
+def test_lora_aggregate_must_be_known():
+    strategy = make_strategy("hfedmoe", HFedMoEConfig(tau=TAU))
+    with pytest.raises(ValueError, match=r"model\.lora\.aggregate.*factors.*product"):
+        RoundAggregator(_previous(), strategy, TAU, deadline_s=None, lora_aggregate="mean")

@@ -4,6 +4,19 @@ Equations 16-21 of HFedMoE as pure functions (unit-tested against hand-computed 
 ``screen``, the one place a client's failure is decided, and ``RoundAggregator``, which
 streams a round's uploads into the next global state in O(model) memory. What weight an
 upload gets is the strategy's choice (``strategies.base.Strategy``).
+
+LoRA adapters (``model.lora.aggregate``): a pair of tensors whose names differ only by
+``lora_A`` vs ``lora_B`` is one adapter, A [..., r, in] and B [..., out, r], whose weight
+delta is (a constant scale times) B @ A. Two ways to aggregate it:
+
+- ``factors`` (FedIT, Zhang et al. 2024; the default): A and B are averaged separately,
+  like every other tensor. Cheap, but the average of the B_c times the average of the
+  A_c is not the average of the B_c A_c: cross terms B_i A_j enter the global delta.
+- ``product``: the weighted average of the deltas B_c A_c is accumulated instead (per
+  expert row with eq 17's weights, |D_c| for shared tensors) and re-factored to rank r by
+  truncated SVD (``refactor_low_rank``): the best rank-r approximation of the average
+  (Eckart-Young), exact when the average has rank <= r. Its accumulator is the dense
+  [..., out, in] delta, still O(model).
 """
 
 from __future__ import annotations
@@ -89,6 +102,69 @@ def fedavg(weighted_sum: np.ndarray, weight: float, previous: np.ndarray) -> np.
     return (weighted_sum / weight).astype(previous.dtype)
 
 
+def lora_delta(b: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """An adapter's weight delta B @ A (up to LoRA's constant scale), batched over leading dims.
+
+    b: [..., out, r], a: [..., r, in] -> [..., out, in].
+    """
+    return np.matmul(b, a)
+
+
+def refactor_low_rank(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Truncated SVD of each trailing 2-D matrix: (b [..., out, rank], a [..., rank, in]).
+
+    b @ a is the best rank-``rank`` approximation of ``delta`` in the Frobenius and spectral
+    norms (Eckart-Young); its Frobenius error is sqrt(sum of the squared singular values
+    beyond ``rank``). The singular values are split evenly, B = U sqrt(S), A = sqrt(S) V^T,
+    so neither factor carries the whole scale. Computed in float64; the caller casts.
+
+    Directions with a zero singular value come out as zero columns of B and zero rows of
+    A; since LoRA's gradient of each factor goes through the other, training cannot revive
+    them, so the average of the deltas should have full rank ``rank`` to keep the adapter.
+    """
+    u, s, vt = np.linalg.svd(np.asarray(delta, dtype=np.float64), full_matrices=False)
+    root = np.sqrt(s[..., :rank])
+    b = u[..., :, :rank] * root[..., None, :]
+    a = root[..., :, None] * vt[..., :rank, :]
+    missing = rank - root.shape[-1]
+    if missing > 0:
+        # rank > min(out, in): the SVD is already exact; pad with zero directions.
+        b = np.concatenate([b, np.zeros((*b.shape[:-1], missing))], axis=-1)
+        a = np.concatenate([a, np.zeros((*a.shape[:-2], missing, a.shape[-1]))], axis=-2)
+    return b, a
+
+
+LORA_AGGREGATE = ("factors", "product")
+
+
+def lora_pairs(tensors: dict[str, np.ndarray]) -> list[tuple[str, str]]:
+    """The (A name, B name) adapters among ``tensors``: names that differ by lora_A/lora_B.
+
+    A pair must have A [..., r, in] and B [..., out, r] with the same leading dims. A
+    ``lora_A`` tensor without its ``lora_B`` partner is not a pair (it is averaged as is).
+    """
+    pairs = []
+    for a_name in sorted(tensors):
+        if "lora_A" not in a_name:
+            continue
+        b_name = a_name.replace("lora_A", "lora_B")
+        if b_name not in tensors:
+            continue
+        a, b = tensors[a_name], tensors[b_name]
+        if (
+            a.ndim < 2
+            or a.ndim != b.ndim
+            or a.shape[:-2] != b.shape[:-2]
+            or a.shape[-2] != b.shape[-1]
+        ):
+            raise ValueError(
+                f"LoRA pair {a_name} {a.shape} / {b_name} {b.shape}: expected A [..., r, in] "
+                "and B [..., out, r] with the same leading dims"
+            )
+        pairs.append((a_name, b_name))
+    return pairs
+
+
 def screen(
     report: ClientReport, upload: ClientUpload | None, deadline_s: float | None
 ) -> str | None:
@@ -134,6 +210,15 @@ class RoundAggregator:
     |D_c| for shared parameters. Accumulators are float64 and the sums run in the order
     uploads are offered (the engine's canonical order, the same on every executor); the
     result is cast back to each tensor's dtype.
+
+    ``lora_aggregate`` (``model.lora.aggregate``) says how LoRA pairs (lora_A/lora_B, in
+    expert layers and shared tensors) are combined. ``"factors"``: A and B are averaged
+    separately, like any tensor (FedIT); note that the average of the A_c and of the B_c
+    does not multiply to the average of the B_c A_c. ``"product"``: the weighted sum of
+    each client's B_c @ A_c (per expert row with the same weights, |D_c| for shared) is
+    accumulated in place of the factors' sums, then ``finalize`` divides by the weight
+    and re-factors to the pair's rank with ``refactor_low_rank``; an expert nobody
+    contributes to keeps its A and B rows. Other tensors are aggregated alike in both.
     """
 
     def __init__(
@@ -142,17 +227,33 @@ class RoundAggregator:
         strategy: Strategy,
         tau: float,
         deadline_s: float | None,
+        lora_aggregate: str = "factors",
     ) -> None:
+        if lora_aggregate not in LORA_AGGREGATE:
+            raise ValueError(
+                f"model.lora.aggregate must be one of {LORA_AGGREGATE}, got {lora_aggregate!r}"
+            )
         self.previous = global_state
         self.strategy = strategy
         self.tau = tau
         self.deadline_s = deadline_s
-        self.shared_sum = {k: np.zeros(v.shape) for k, v in global_state.shared.items()}
+        self.lora_aggregate = lora_aggregate
+        product = lora_aggregate == "product"
+        # In product mode each pair's delta accumulator replaces its two factor accumulators.
+        self.shared_pairs = lora_pairs(global_state.shared) if product else []
+        self.expert_pairs = [lora_pairs(layer) if product else [] for layer in global_state.experts]
+        self.shared_delta = _delta_sums(global_state.shared, self.shared_pairs)
+        self.expert_delta = [
+            _delta_sums(layer, pairs)
+            for layer, pairs in zip(global_state.experts, self.expert_pairs, strict=True)
+        ]
+        self.shared_sum = _factor_sums(global_state.shared, self.shared_pairs)
         self.shared_weight = 0.0
         self.gate_sum = {k: np.zeros(v.shape) for k, v in global_state.gates.items()}
         self.gate_weight = 0.0
         self.expert_sum = [
-            {k: np.zeros(v.shape) for k, v in layer.items()} for layer in global_state.experts
+            _factor_sums(layer, pairs)
+            for layer, pairs in zip(global_state.experts, self.expert_pairs, strict=True)
         ]
         num_layers = len(global_state.experts)
         num_experts = next(iter(global_state.experts[0].values())).shape[0]
@@ -171,8 +272,12 @@ class RoundAggregator:
     def _add(self, report: ClientReport, upload: ClientUpload) -> None:
         size = float(report.num_samples)
         if upload.shared:
+            paired = {name for pair in self.shared_delta for name in pair}
             for name, value in upload.shared.items():
-                self.shared_sum[name] += size * value
+                if name not in paired:
+                    self.shared_sum[name] += size * value
+            for (a_name, b_name), total in self.shared_delta.items():
+                total += size * _delta64(upload.shared[b_name], upload.shared[a_name])
             self.shared_weight += size
         self.sets.append(routing_set(report.usage, self.tau))
         preference = float(routing_preference(report.usage, report.importance, self.tau).sum())
@@ -194,6 +299,9 @@ class RoundAggregator:
                 # The product at the upload's dtype, as for shared parameters; the sum is float64.
                 scale = weights.astype(values.dtype).reshape(-1, *[1] * (values.ndim - 1))
                 self.expert_sum[layer][name][index] += scale * values
+            for (a_name, b_name), total in self.expert_delta[layer].items():
+                delta = _delta64(uploaded[b_name][rows], uploaded[a_name][rows])
+                total[index] += weights.reshape(-1, *[1] * (delta.ndim - 1)) * delta
             self.expert_weight[layer, index] += weights
             self.contributors[layer, index] += 1
 
@@ -202,18 +310,29 @@ class RoundAggregator:
         shared = {
             k: fedavg(v, self.shared_weight, previous.shared[k]) for k, v in self.shared_sum.items()
         }
+        for (a_name, b_name), total in self.shared_delta.items():
+            old_a, old_b = previous.shared[a_name], previous.shared[b_name]
+            if self.shared_weight <= 0:
+                shared[a_name], shared[b_name] = old_a.copy(), old_b.copy()
+            else:
+                b, a = refactor_low_rank(total / self.shared_weight, old_a.shape[-2])
+                shared[a_name], shared[b_name] = a.astype(old_a.dtype), b.astype(old_b.dtype)
+        shared = {k: shared[k] for k in previous.shared}  # the previous state's order
         sets = np.stack(self.sets) if self.sets else np.zeros((0, *self.expert_weight.shape), bool)
         global_size = int(sets.any(axis=0).sum())
         divisor = self.strategy.gate_divisor(self.gate_weight, global_size)
         gates = {
             k: aggregate_gates(v, divisor, previous.gates[k]) for k, v in self.gate_sum.items()
         }
-        experts = [
-            _keep_or_average(sums, weight, old)
-            for sums, weight, old in zip(
-                self.expert_sum, self.expert_weight, previous.experts, strict=True
-            )
-        ]
+        experts = []
+        for sums, deltas, weight, old in zip(
+            self.expert_sum, self.expert_delta, self.expert_weight, previous.experts, strict=True
+        ):
+            layer = {
+                **_keep_or_average(sums, weight, old),
+                **_keep_or_refactor(deltas, weight, old),
+            }
+            experts.append({k: layer[k] for k in old})  # the previous state's order
         report = AggregationReport(
             consistency=routing_consistency(sets).tolist() if self.sets else [],
             gate_alphas=gate_weights(np.array(self.preference_sums), global_size).tolist(),
@@ -233,4 +352,45 @@ def _keep_or_average(
         layer[name] = np.where((weight > 0).reshape(shape), averaged, old[name]).astype(
             old[name].dtype
         )
+    return layer
+
+
+def _factor_sums(
+    tensors: dict[str, np.ndarray], pairs: list[tuple[str, str]]
+) -> dict[str, np.ndarray]:
+    """float64 zero accumulators for every tensor not in a product-aggregated pair."""
+    paired = {name for pair in pairs for name in pair}
+    return {k: np.zeros(v.shape) for k, v in tensors.items() if k not in paired}
+
+
+def _delta_sums(
+    tensors: dict[str, np.ndarray], pairs: list[tuple[str, str]]
+) -> dict[tuple[str, str], np.ndarray]:
+    """float64 zero accumulators [..., out, in] for the deltas B @ A of ``pairs``."""
+    return {(a, b): np.zeros((*tensors[b].shape[:-1], tensors[a].shape[-1])) for a, b in pairs}
+
+
+def _delta64(b: np.ndarray, a: np.ndarray) -> np.ndarray:
+    # In float64: the product's r-term dot products would otherwise round at the
+    # upload's dtype before they are summed over clients.
+    return lora_delta(b.astype(np.float64), a.astype(np.float64))
+
+
+def _keep_or_refactor(
+    deltas: dict[tuple[str, str], np.ndarray], weight: np.ndarray, old: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Per-expert average of the deltas (weight [E]), re-factored to each pair's rank.
+
+    An expert with zero weight keeps its old A and B rows.
+    """
+    layer = {}
+    updated = weight > 0
+    for (a_name, b_name), total in deltas.items():
+        old_a, old_b = old[a_name], old[b_name]
+        new_a, new_b = old_a.copy(), old_b.copy()
+        if updated.any():
+            averaged = total[updated] / weight[updated].reshape(-1, *[1] * (total.ndim - 1))
+            b, a = refactor_low_rank(averaged, old_a.shape[-2])
+            new_a[updated], new_b[updated] = a.astype(old_a.dtype), b.astype(old_b.dtype)
+        layer[a_name], layer[b_name] = new_a, new_b
     return layer
