@@ -103,6 +103,19 @@ def test_ray_runner_equals_in_process_runner(ray_address, tmp_path):
     assert result.history.rounds[-1].succeeded == 4
 
 
+def test_lora_runs_on_ray_equal_in_process(ray_address, tmp_path):
+    cfg = tiny(
+        tmp_path,
+        model={"lora": {"rank": 4, "aggregate": "product"}, "quantization": "nf4"},
+        tracking={"enabled": False},
+    )
+    expected_history, expected_state = run_simulation(cfg)
+    result = launch(cfg, run_dir=tmp_path / "ray", progress=False)
+    assert_same_run(expected_history, expected_state, result.history, result.state)
+    assert set(result.state.experts[0]) == {"lora_A_in", "lora_B_in", "lora_A_out", "lora_B_out"}
+    assert result.history.rounds[-1].succeeded == 4
+
+
 # Budgets that bind: "weak" clients fit a single expert of the 8 a batch may route to,
 # "broke" ones not even the frozen model (they fail OOM on every strategy).
 BINDING_TIERS = {

@@ -164,6 +164,21 @@ def test_every_strategy_runs_within_its_rules(name):
         assert metrics.experts_updated > 0
 
 
+@pytest.mark.parametrize("name", sorted(n for n in STRATEGIES if not n.startswith("test_")))
+def test_every_strategy_trains_lora_adapters(name):
+    cfg = tiny_config(strategy=name, rounds=1)
+    lora = {"rank": 8, "aggregate": "product" if name == "hfedmoe" else "factors"}
+    raw = cfg.model_dump()
+    raw["model"]["lora"] = lora
+    history, state = run_simulation(parse_config(raw))
+    assert set(state.experts[0]) == {"lora_A_in", "lora_B_in", "lora_A_out", "lora_B_out"}
+    metrics = history.rounds[0]
+    assert metrics.accuracy is not None and 0.0 <= metrics.accuracy <= 1.0
+    ok = [c for c in history.clients if c.failure is None]
+    assert ok and all(c.experts_per_step_max <= c.step_limit for c in ok)
+    assert (metrics.experts_updated == 0) == (name == "flex")
+
+
 def test_per_layer_budget_bounds_every_layer_of_every_step():
     cfg = tiny_config(rounds=1)
     cfg = cfg.model_copy(

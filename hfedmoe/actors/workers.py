@@ -91,7 +91,11 @@ class AggregatorWorker:
     def begin(self, state: ModelState, round_index: int, attempt: int) -> None:
         fed = self.cfg.federation
         self.aggregator = RoundAggregator(
-            state, self.strategy, self.cfg.hfedmoe.tau, fed.round_deadline_s
+            state,
+            self.strategy,
+            self.cfg.hfedmoe.tau,
+            fed.round_deadline_s,
+            lora_aggregate=self.cfg.model.lora.aggregate,
         )
         self.crash_on_offer = attempt == 0 and round_index in self.cfg.faults.aggregator_crash
 

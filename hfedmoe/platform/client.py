@@ -128,7 +128,11 @@ class LocalTrainer:
         self.cfg = cfg
         self.strategy = make_strategy(cfg.federation.strategy, cfg.hfedmoe)
         self.stop_gradient = cfg.federation.backward == "stop_gradient"
-        self.flops = StepFlops(adapter.matmul_params_per_expert(), self.stop_gradient)
+        self.flops = StepFlops(
+            adapter.matmul_params_per_expert(),
+            self.stop_gradient,
+            adapter.adapter_params_per_expert(),
+        )
         self.device = next(adapter.model.parameters()).device
         self.zero_stage = 0  # device memory as the torch engine holds it (see zero.py)
 
@@ -277,10 +281,15 @@ class LocalTrainer:
         tally.admitted += selected / routed if routed else 1.0
 
     def _throwaway_step(self, batch, leaves) -> tuple[torch.Tensor, torch.Tensor]:
-        """A forward and backward with no expert trained, for FLOP calibration only.
+        """A forward and backward for FLOP calibration only.
 
-        It runs on a forked RNG and its gradients are dropped, so training is the same
-        whether or not this process had already calibrated the batch shape.
+        It trains no expert, except with LoRA: a frozen base passes gradient only down to
+        the lowest layer that trains something, so the calibration trains every expert to
+        measure the backward through the whole depth. With attention adapters (trained
+        every step) the modelled cost is then exact; with adapters on the experts alone it
+        is an upper bound, exact for a step that trains every routed expert of the first
+        layer. It runs on a forked RNG and its gradients are dropped, so training is the
+        same whether or not this process had already calibrated the shape.
         """
         adapter = self.adapter
         devices = [self.device] if self.device.type == "cuda" else []
@@ -288,14 +297,15 @@ class LocalTrainer:
             logits, routing = adapter.forward(
                 batch["input_ids"], batch["attention_mask"], capture_routing=True
             )
-            none = torch.zeros(adapter.num_layers, adapter.num_experts, dtype=torch.bool)
-            adapter.set_active_experts(none)
-            tensors = leaves.for_step(none)
+            shape = (adapter.num_layers, adapter.num_experts)
+            trained = torch.full(shape, adapter.lora, dtype=torch.bool)
+            adapter.set_active_experts(trained)
+            tensors = leaves.for_step(trained)
             loss = F.cross_entropy(logits, batch["labels"])
             torch.autograd.backward(loss, inputs=list(tensors.values()))
         for t in tensors.values():
             t.grad = None
-        return routing.pair_counts, none
+        return routing.pair_counts, trained
 
     def _batches(self, indices: np.ndarray, rng: np.random.Generator):
         fed = self.cfg.federation

@@ -78,6 +78,46 @@ class DataConfig(_Section):
         return self
 
 
+LoRATarget = Literal["experts", "shared_experts", "attention", "router"]
+
+
+class LoRAConfig(_Section):
+    """Parameter-efficient experts (models/lora.py): adapters train, the base stays frozen."""
+
+    rank: int | None = Field(
+        None, ge=1, description="None: train whole experts; r: a rank-r LoRA adapter per expert"
+    )
+    alpha: float = Field(16.0, gt=0, description="adapter scale alpha / rank, as in LoRA")
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="on the inputs of peft-adapted linear targets (attention, shared_experts); "
+        "the routed experts' adapters have none, as peft's own 3-D expert wrapper",
+    )
+    targets: list[LoRATarget] = Field(
+        default_factory=lambda: ["experts", "attention"],
+        description="experts: one adapter per routed expert (required); shared_experts, "
+        "attention: peft LoRA on those linear layers; router: the router trains in full "
+        "(d x E weights). Without attention adapters the backward stops at the lowest "
+        "trained expert, and the modelled FLOPs are an upper bound",
+    )
+    aggregate: Literal["factors", "product"] = Field(
+        "factors",
+        description="factors: average A and B separately (FedIT); product: average each "
+        "client's B A exactly and re-factor to rank r by truncated SVD",
+    )
+
+    @model_validator(mode="after")
+    def _experts_adapted(self) -> LoRAConfig:
+        if self.rank is not None and "experts" not in self.targets:
+            raise ValueError(
+                "model.lora.targets must include 'experts': HFedMoE selects which experts' "
+                f"adapters train (got {self.targets})"
+            )
+        return self
+
+
 class ModelConfig(_Section):
     kind: Literal[MODEL_KINDS] = "upcycled"  # type: ignore[valid-type]
     path: str | None = Field(
@@ -115,7 +155,14 @@ class ModelConfig(_Section):
     )
     freeze: list[str] = Field(
         default_factory=lambda: ["embed"],
-        description="substrings of non-expert parameter names that clients never train",
+        description="substrings of non-expert parameter names that clients never train "
+        "(with model.lora everything but adapters, head and targeted router is frozen)",
+    )
+    lora: LoRAConfig = LoRAConfig()
+    quantization: Literal["none", "nf4"] = Field(
+        "none",
+        description="nf4: the frozen routed experts stored in 4 bits through bitsandbytes "
+        "(QLoRA); needs model.lora.rank",
     )
 
     @model_validator(mode="after")
@@ -131,6 +178,11 @@ class ModelConfig(_Section):
                 f"model.expert_init={self.expert_init!r} builds experts from a dense "
                 f"checkpoint, so it needs model.kind='upcycled' (got {self.kind!r}); "
                 "remove model.expert_init or set model.kind: upcycled"
+            )
+        if self.quantization != "none" and self.lora.rank is None:
+            raise ValueError(
+                f"model.quantization={self.quantization!r} freezes the experts in 4 bits, so "
+                "only adapters can train: set model.lora.rank (e.g. 8) or model.quantization: none"
             )
         return self
 
@@ -392,6 +444,15 @@ class ExperimentConfig(_Section):
                 raise ValueError(
                     f"faults.aggregator_crash: {round_index} names no round in [0, {fed.rounds})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _lora_on_the_torch_engine(self) -> ExperimentConfig:
+        if self.model.lora.rank is not None and self.federation.engine == "deepspeed":
+            raise ValueError(
+                "model.lora trains adapters of a few MB, which the torch engine holds on any "
+                "device: set federation.engine: torch (ZeRO offload is for whole-model training)"
+            )
         return self
 
 

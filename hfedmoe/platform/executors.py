@@ -33,7 +33,11 @@ class InProcessExecutor:
     def run_round(self, round_index: int, clients: list[int], state: ModelState) -> RoundResult:
         fed, cfg = self.fed, self.fed.cfg
         aggregator = RoundAggregator(
-            state, self.trainer.strategy, cfg.hfedmoe.tau, cfg.federation.round_deadline_s
+            state,
+            self.trainer.strategy,
+            cfg.hfedmoe.tau,
+            cfg.federation.round_deadline_s,
+            lora_aggregate=cfg.model.lora.aggregate,
         )
         bytes_down = state.num_bytes()
         reports = []

@@ -27,9 +27,21 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 class StepFlops:
-    def __init__(self, matmul_params_per_expert: int, stop_gradient: bool) -> None:
-        # One matmul pass over one pair costs 2 FLOPs (multiply, add) per weight element.
-        self.per_pair = 2.0 * matmul_params_per_expert
+    def __init__(
+        self, matmul_params_per_expert: int, stop_gradient: bool, adapter_params_per_expert: int = 0
+    ) -> None:
+        """``adapter_params_per_expert`` > 0: experts train rank-r LoRA adapters (models.lora).
+
+        One matmul pass over one pair costs 2 FLOPs (multiply, add) per weight element. With
+        adapters, forward and input gradient pass through base and adapter; the weight
+        gradient is the adapters' only, 4 FLOPs per adapter element and pair (the rank-r
+        products x A^T and g B, recomputed, then the two outer products).
+        """
+        self.per_pair = 2.0 * (matmul_params_per_expert + adapter_params_per_expert)
+        if adapter_params_per_expert:
+            self.weight_grad_per_pair = 4.0 * adapter_params_per_expert
+        else:
+            self.weight_grad_per_pair = 2.0 * matmul_params_per_expert
         self.stop_gradient = stop_gradient
         self.dense: dict[tuple[int, ...], float] = {}
 
@@ -38,7 +50,8 @@ class StepFlops:
         all_pairs = float(pair_counts.sum())
         trained_pairs = float(pair_counts[active].sum())
         input_grad_pairs = trained_pairs if self.stop_gradient else all_pairs
-        return self.per_pair * (all_pairs + input_grad_pairs + trained_pairs)
+        passes = self.per_pair * (all_pairs + input_grad_pairs)
+        return passes + self.weight_grad_per_pair * trained_pairs
 
     def known(self, shape: tuple[int, ...]) -> bool:
         return shape in self.dense

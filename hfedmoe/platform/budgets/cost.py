@@ -20,7 +20,10 @@ class ModelFootprint:
     num_experts_total: int  # experts over all MoE layers (layers x experts per layer)
     num_moe_layers: int
     activation_bytes_per_sample: float  # saved-activation bytes of one sample at max length
-    bytes_per_param: int = 4
+    bytes_per_param: int = 4  # of what trains: weights, gradients, AdamW moments
+    # Resident weights at their storage dtypes (a 4-bit base, fp32 adapters); None: every
+    # parameter at bytes_per_param.
+    weight_bytes: float | None = None
 
     def __post_init__(self) -> None:
         counts = (self.total_params, self.shared_trainable_params, self.params_per_expert)
@@ -38,7 +41,8 @@ def step_memory_bytes(
 ) -> float:
     """Peak device memory of one training step that trains `trained_experts` experts.
 
-    weights:       total_params * bytes_per_param (frozen parameters stay resident too)
+    weights:       weight_bytes, by default total_params * bytes_per_param (frozen
+                   parameters stay resident too)
     trained state: (shared_trainable + trained_experts * params_per_expert) * bytes_per_param
                    * 3 (the gradient plus AdamW's two moments)
     activations:   activation_bytes_per_sample * batch_size (saved for backward)
@@ -47,7 +51,7 @@ def step_memory_bytes(
     (stage 1), then the gradients (stage 2), then the parameters (stage 3, which keeps
     about one MoE layer's share of them on the device while it computes).
     """
-    weights = fp.total_params * fp.bytes_per_param
+    weights = fp.total_params * fp.bytes_per_param if fp.weight_bytes is None else fp.weight_bytes
     if zero_stage >= 3:
         weights /= fp.num_moe_layers
     per_trained_param = {0: 3, 1: 1}.get(zero_stage, 0) * fp.bytes_per_param

@@ -23,9 +23,9 @@ def build_adapter(cfg: ModelConfig, num_labels: int, seed: int) -> MoEAdapter:
             cfg.tokenizer or cfg.path, trust_remote_code=cfg.trust_remote_code
         )
         model = pretrained_model(cfg.path, num_labels, cfg.trust_remote_code)
-        adapter = hf_adapter(model, tokenizer, cfg.kind, num_labels, cfg.freeze)
+        adapter = hf_adapter(model, tokenizer, cfg.kind, num_labels, cfg)
     else:
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or str(bundled_minilm_path()))
         model = tiny_model(cfg.kind, cfg, len(tokenizer), tokenizer.pad_token_id, num_labels)
-        adapter = hf_adapter(model, tokenizer, cfg.kind, num_labels, cfg.freeze)
+        adapter = hf_adapter(model, tokenizer, cfg.kind, num_labels, cfg)
     return adapter

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from hfedmoe.platform.budgets.cost import ModelFootprint
-from hfedmoe.platform.models.experts import BackwardPlan
+from hfedmoe.platform.models.experts import BackwardPlan, NF4Weight
 from hfedmoe.platform.records import BatchRouting, ModelState
 
 # Reads a router module's forward output: (router logits [..., E], the top-k expert ids the
@@ -164,7 +164,10 @@ class MoEAdapter:
         family: str,
         num_labels: int,
         freeze: list[str] | None = None,
+        lora_targets: list[str] | None = None,
     ) -> None:
+        """``lora_targets`` (model.lora.targets) puts the adapter in LoRA mode: experts are
+        their adapters, and of the rest only adapters, head and (if targeted) router train."""
         if not layers:
             raise ValueError(f"{family}: the model has no MoE layer")
         self.model = model
@@ -182,22 +185,18 @@ class MoEAdapter:
         }
         self._gate_param_ids = {id(p) for layer in layers for p in layer.router.parameters()}
         names = dict(model.named_parameters())
-        self.gate_names = [n for n, p in names.items() if id(p) in self._gate_param_ids]
-        freeze = freeze or []
-        self.shared_names = [
-            n
-            for n, p in names.items()
-            if id(p) not in self._expert_param_ids
-            and id(p) not in self._gate_param_ids
-            and not any(pattern in n for pattern in freeze)
-        ]
-        self.frozen_names = [
-            n
-            for n, p in names.items()
-            if id(p) not in self._expert_param_ids
-            and id(p) not in self._gate_param_ids
-            and n not in self.shared_names
-        ]
+        self.lora = lora_targets is not None
+        gates = [n for n, p in names.items() if id(p) in self._gate_param_ids]
+        self.gate_names = gates if not self.lora or "router" in lora_targets else []
+        others = [n for n, p in names.items() if id(p) not in self._expert_param_ids]
+        others = [n for n in others if n not in gates]
+        if self.lora:
+            self.shared_names = [n for n in others if "lora_" in n or _is_head(n)]
+        else:
+            freeze = freeze or []
+            self.shared_names = [n for n in others if not any(f in n for f in freeze)]
+        trained = set(self.shared_names + self.gate_names)
+        self.frozen_names = [n for n in others + gates if n not in trained]
 
     # ---- shape -----------------------------------------------------------------------
     @property
@@ -304,12 +303,40 @@ class MoEAdapter:
         return sum(t.numel() for t in self.layers[0].experts.tensors(0).values())
 
     def matmul_params_per_expert(self) -> int:
-        """Weight-matrix elements of one expert (biases are adds, not matmul FLOPs)."""
-        return sum(t.numel() for t in self.layers[0].experts.tensors(0).values() if t.dim() >= 2)
+        """Weight-matrix elements of one expert's base (biases are adds, not matmul FLOPs)."""
+        tensors = self.layers[0].experts.tensors(0)
+        if self.lora:  # the frozen base, from the adapters' shapes: A [r, in], B [out, r]
+            return sum(
+                tensors[a].shape[-1] * tensors[a.replace("_A", "_B")].shape[0]
+                for a in tensors
+                if "_A" in a
+            )
+        return sum(t.numel() for t in tensors.values() if t.dim() >= 2)
+
+    def adapter_params_per_expert(self) -> int:
+        """Elements of one expert's LoRA adapters (0 when whole experts train)."""
+        return self.params_per_expert() if self.lora else 0
+
+    def weight_bytes(self) -> int:
+        """Resident weights at their storage dtypes: parameters, and 4-bit bases (QLoRA).
+
+        A 4-bit base also needs one layer's experts dequantized at a time (the GEMMs run in
+        the base's dtype): that transient buffer is counted too.
+        """
+        total = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        quantized = [m for m in self.model.modules() if isinstance(m, NF4Weight)]
+        total += sum(b.nbytes for m in quantized for b in m.buffers())
+        if quantized:
+            total += max(
+                sum(m.shape.numel() * m.dtype.itemsize for m in _nf4_of(layer.experts.owner))
+                for layer in self.layers
+            )
+        return int(total)
 
     def footprint(self, activation_bytes_per_sample: float) -> ModelFootprint:
         params = dict(self.model.named_parameters())
         return ModelFootprint(
+            weight_bytes=self.weight_bytes() if self.lora else None,
             total_params=sum(p.numel() for p in params.values()),
             shared_trainable_params=sum(
                 params[n].numel() for n in self.shared_names + self.gate_names
@@ -373,6 +400,18 @@ def reduce_routing(
         token_counts=torch.stack(token_counts).cpu(),
         pair_counts=torch.stack(pair_counts).cpu(),
     )
+
+
+# Non-expert parameters that train in LoRA mode besides adapters: the new task head.
+HEAD_PATTERNS = ("classifier.", "score.")
+
+
+def _is_head(name: str) -> bool:
+    return any(pattern in name for pattern in HEAD_PATTERNS)
+
+
+def _nf4_of(owner: nn.Module) -> list[NF4Weight]:
+    return [m for m in owner.children() if isinstance(m, NF4Weight)]
 
 
 def _attach(layer: MoELayer, index: int, plan: BackwardPlan) -> None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 
@@ -120,21 +121,78 @@ def routed_experts(
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
 
+class NF4Weight(nn.Module):
+    """A frozen stacked weight stored in 4 bits (NF4, QLoRA's format) through bitsandbytes.
+
+    ``dense()`` dequantizes it for the layer's GEMMs; the kernel calls it again in backward
+    rather than saving the dense copy, so only the 4-bit form stays resident between the
+    forward and the backward (as in QLoRA). Blocks of 64 values share one fp32 absmax.
+    """
+
+    def __init__(self, weight: torch.Tensor, blocksize: int = 64) -> None:
+        super().__init__()
+        from bitsandbytes.functional import quantize_4bit
+
+        packed, state = quantize_4bit(weight.detach(), blocksize=blocksize, quant_type="nf4")
+        self.shape, self.dtype, self.blocksize = weight.shape, weight.dtype, blocksize
+        self.register_buffer("packed", packed)
+        self.register_buffer("absmax", state.absmax)
+        self.register_buffer("code", state.code)
+
+    def dense(self) -> torch.Tensor:
+        from bitsandbytes.functional import QuantState, dequantize_4bit
+
+        state = QuantState(
+            absmax=self.absmax,
+            shape=self.shape,
+            code=self.code,
+            blocksize=self.blocksize,
+            quant_type="nf4",
+            dtype=self.dtype,
+        )
+        return dequantize_4bit(self.packed, state)
+
+
+def dense(weight: torch.Tensor | NF4Weight) -> torch.Tensor:
+    return weight.dense() if isinstance(weight, NF4Weight) else weight
+
+
+@dataclass
+class ExpertLoRA:
+    """Rank-r adapters of one layer's experts: each expert computes with W + scale * B A.
+
+    a_in [E, r, d], b_in [E, H, r] adapt w_in; a_out [E, r, I], b_out [E, d, r] adapt
+    w_out. The adapter is applied factored (x A^T B^T), never merged, so a step costs the
+    adapter's O(r) FLOPs on top of the frozen base's, and its weight gradients are O(r).
+    """
+
+    a_in: torch.Tensor
+    b_in: torch.Tensor
+    a_out: torch.Tensor
+    b_out: torch.Tensor
+    scale: float
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.a_in, self.b_in, self.a_out, self.b_out]
+
+
 @dataclass
 class StackedExperts:
     """One layer's experts as stacked tensors: y = act(x W_in^T + b_in) W_out^T + b_out.
 
     w_in [E, H, d], w_out [E, d, I], b_in [E, H], b_out [E, d]; ``activation`` maps the
-    [pairs, H] pre-activation to [pairs, I] (H = 2I for a gated activation). ``leaves``, set
-    while training, holds each expert's rows of these tensors as leaves sharing their
-    storage, in the order (w_in, w_out, b_in, b_out) without the absent biases.
+    [pairs, H] pre-activation to [pairs, I] (H = 2I for a gated activation). With ``lora``
+    the base tensors are frozen (w_in and w_out possibly 4-bit) and the adapters are what
+    trains. ``leaves``, set while training, holds each expert's rows of the trained tensors
+    (``trainable()``) as leaves sharing their storage.
     """
 
-    w_in: torch.Tensor
-    w_out: torch.Tensor
+    w_in: torch.Tensor | NF4Weight
+    w_out: torch.Tensor | NF4Weight
     activation: Activation
     b_in: torch.Tensor | None = None
     b_out: torch.Tensor | None = None
+    lora: ExpertLoRA | None = None
     leaves: Sequence[Sequence[torch.Tensor]] | None = None
 
     @property
@@ -142,7 +200,15 @@ class StackedExperts:
         return int(self.w_in.shape[0])
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.w_in, self.w_out, self.b_in, self.b_out) if t is not None]
+        """The base tensors, dequantized where stored in 4 bits."""
+        weights = [dense(self.w_in), dense(self.w_out)]
+        return weights + [t for t in (self.b_in, self.b_out) if t is not None]
+
+    def trainable(self) -> list[torch.Tensor]:
+        """The stacked tensors that receive gradient, in the order of each expert's leaves."""
+        if self.lora is not None:
+            return self.lora.tensors()
+        return self.tensors()
 
 
 def grouped_experts(
@@ -160,7 +226,7 @@ def grouped_experts(
     hidden: [T, d]; top_k_index, top_k_weights: [T, k]. Returns [T, d].
     """
     if experts.leaves is None:
-        params = experts.tensors()
+        params = experts.trainable()
     else:
         params = [t for expert in experts.leaves for t in expert]
     return _GroupedExperts.apply(
@@ -203,10 +269,13 @@ class _GroupedExperts(torch.autograd.Function):
         counts = torch.bincount(flat, minlength=experts.num_experts)
         offsets = counts.cumsum(0, dtype=torch.int32)
         token = order // top_k_index.shape[1]
-        pre = _grouped_mm(hidden.index_select(0, token), experts.w_in.mT, offsets, counts)
+        w_in, w_out = dense(experts.w_in), dense(experts.w_out)
+        rows = hidden.index_select(0, token)
+        pre = _project(rows, w_in, _pair(experts.lora, "in"), offsets, counts)
         if experts.b_in is not None:
             pre += experts.b_in.index_select(0, flat[order])
-        per_row = _grouped_mm(experts.activation(pre), experts.w_out.mT, offsets, counts)
+        act = experts.activation(pre)
+        per_row = _project(act, w_out, _pair(experts.lora, "out"), offsets, counts)
         weights = top_k_weights.to(per_row.dtype)
         out = F.embedding_bag(
             _slots(order, top_k_index), per_row, per_sample_weights=weights, mode="sum"
@@ -224,7 +293,7 @@ class _GroupedExperts(torch.autograd.Function):
             counts,
             pre,
             per_row if ctx.needs_input_grad[1] else None,
-            *experts.tensors(),
+            *experts.trainable(),  # the frozen (maybe 4-bit) base is re-read from spec
         )
         return out.to(hidden.dtype)
 
@@ -235,6 +304,7 @@ class _GroupedExperts(torch.autograd.Function):
         )
         spec: _Layer = ctx.spec
         experts = spec.experts
+        w_in, w_out = dense(experts.w_in), dense(experts.w_out)
         num_experts = experts.num_experts
         grad_out = grad_out.to(pre.dtype)
         token = order // top_k_index.shape[1]
@@ -279,7 +349,8 @@ class _GroupedExperts(torch.autograd.Function):
         grad_per_row = _take(grad_rows, rows) * _take(row_weights, rows).unsqueeze(1)
         flowing_counts = counts * torch.tensor(flowing, device=counts.device)
         offsets = flowing_counts.cumsum(0, dtype=torch.int32)
-        grad_act = _grouped_mm(grad_per_row, weights[1], offsets, flowing_counts)
+        lora_in, lora_out = _pair(experts.lora, "in"), _pair(experts.lora, "out")
+        grad_act = _project_back(grad_per_row, w_out, lora_out, offsets, flowing_counts)
         with torch.enable_grad():  # recompute the activation for its backward
             pre_rows = _take(pre, rows).detach().requires_grad_(True)
             # Fed through a view: module hooks (FlopCounterMode's tracker) cannot take a
@@ -289,7 +360,7 @@ class _GroupedExperts(torch.autograd.Function):
 
         grad_hidden = None
         if input_grad:
-            grad_x = _grouped_mm(grad_pre, weights[0], offsets, flowing_counts)
+            grad_x = _project_back(grad_pre, w_in, lora_in, offsets, flowing_counts)
             if rows is not None:  # pairs of frozen experts read a zero row
                 position = torch.full_like(order, rows.numel())
                 position[rows] = torch.arange(rows.numel(), device=rows.device)
@@ -302,14 +373,17 @@ class _GroupedExperts(torch.autograd.Function):
             # The trained experts' rows among the flowing ones.
             flowing_sizes = [n if flowing[e] else 0 for e, n in enumerate(sizes)]
             sub = _rows_of(trained, flowing_sizes, _take(row_expert, rows))
-            grads = _weight_grads(
-                experts,
+            grad_rows_of = (
                 _take(grad_per_row, sub),
                 _take(grad_pre, sub),
                 _take(act.detach(), sub),
                 hidden.index_select(0, _take(_take(token, rows), sub)),
                 [sizes[e] for e in chosen],
             )
+            if experts.lora is None:
+                grads = _weight_grads(experts, *grad_rows_of)
+            else:
+                grads = _lora_weight_grads(experts.lora, chosen, *grad_rows_of)
             if per_expert:
                 for j, g in enumerate(grads):
                     for e, row in zip(chosen, g.unbind(0), strict=True):
@@ -349,6 +423,65 @@ def _rows_of(keep: list[bool], sizes: list[int], row_expert: torch.Tensor) -> to
 
 def _take(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return t if rows is None else t.index_select(0, rows)
+
+
+def _pair(lora: ExpertLoRA | None, side: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """(A, B, scale) of the adapter on w_in ("in") or w_out ("out"); None without LoRA."""
+    if lora is None:
+        return None
+    if side == "in":
+        return lora.a_in, lora.b_in, lora.scale
+    return lora.a_out, lora.b_out, lora.scale
+
+
+def _project(x, weight, lora, offsets, counts) -> torch.Tensor:
+    """x [M, in] through each row group's expert map [G, out, in] (+ scale x A^T B^T)."""
+    y = _grouped_mm(x, weight.mT, offsets, counts)
+    if lora is not None:
+        a, b, scale = lora
+        y += scale * _grouped_mm(_grouped_mm(x, a.mT, offsets, counts), b.mT, offsets, counts)
+    return y
+
+
+def _project_back(grad, weight, lora, offsets, counts) -> torch.Tensor:
+    """The input gradient of ``_project``: grad [M, out] -> [M, in]."""
+    x_grad = _grouped_mm(grad, weight, offsets, counts)
+    if lora is not None:
+        a, b, scale = lora
+        x_grad += scale * _grouped_mm(_grouped_mm(grad, b, offsets, counts), a, offsets, counts)
+    return x_grad
+
+
+def _lora_weight_grads(
+    lora: ExpertLoRA,
+    chosen: list[int],
+    grad_out: torch.Tensor,
+    grad_pre: torch.Tensor,
+    act: torch.Tensor,
+    inputs: torch.Tensor,
+    sizes: list[int],
+) -> list[torch.Tensor]:
+    """Gradients [n, ...] of the n trained experts' adapters (a_in, b_in, a_out, b_out).
+
+    With y = x W^T + s x A^T B^T and g = dL/dy: dB = s g^T (x A^T), dA = s (g B)^T x. The
+    rank-r products x A^T and g B are recomputed for the trained rows only: O(r) work per
+    row, where a full expert's weight gradient is O(H d).
+    """
+    index = torch.tensor(chosen, device=grad_out.device)
+    a_in, b_in, a_out, b_out = (t.index_select(0, index) for t in lora.tensors())
+    lengths = torch.tensor(sizes, device=grad_out.device)
+    offsets = lengths.cumsum(0, dtype=torch.int32)
+
+    def mm(a, b):
+        return _grouped_mm(a, b, offsets, lengths)
+
+    s = lora.scale
+    return [
+        s * mm(mm(grad_pre, b_in).mT, inputs),  # a_in [n, r, d]
+        s * mm(grad_pre.mT, mm(inputs, a_in.mT)),  # b_in [n, H, r]
+        s * mm(mm(grad_out, b_out).mT, act),  # a_out [n, r, I]
+        s * mm(grad_out.mT, mm(act, a_out.mT)),  # b_out [n, d, r]
+    ]
 
 
 def _weight_grads(

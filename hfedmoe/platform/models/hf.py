@@ -32,6 +32,7 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
     SwitchTransformersSparseMLP,
 )
 
+from hfedmoe.platform.config import ModelConfig
 from hfedmoe.platform.models.adapter import (
     FusedExperts,
     ModuleExperts,
@@ -41,6 +42,7 @@ from hfedmoe.platform.models.adapter import (
 )
 from hfedmoe.platform.models.experts import StackedExperts, grouped_experts, routed_experts
 from hfedmoe.platform.models.heads import PooledClassifier, SequenceClassifier
+from hfedmoe.platform.models.lora import apply_lora, expert_lora, trained_leaves
 
 EXPERTS_IMPLEMENTATION = "hfedmoe"
 
@@ -52,12 +54,12 @@ def hfedmoe_experts_forward(
     top_k_weights: torch.Tensor,
 ) -> torch.Tensor:
     """Experts forward for transformers' fused layout (gate_up_proj [E, 2I, d], down_proj)."""
-    leaves = self._hfedmoe_leaves
     experts = StackedExperts(
         self.gate_up_proj,
         self.down_proj,
         self._apply_gate,
-        leaves=None if leaves is None else [[e["gate_up_proj"], e["down_proj"]] for e in leaves],
+        lora=expert_lora(self),
+        leaves=trained_leaves(self, ["gate_up_proj", "down_proj"]),
     )
     return grouped_experts(
         hidden_states,
@@ -252,10 +254,15 @@ def pretrained_model(path: str, num_labels: int, trust_remote_code: bool = False
 
 
 def hf_adapter(
-    model: nn.Module, tokenizer, family: str, num_labels: int, freeze: list[str]
+    model: nn.Module, tokenizer, family: str, num_labels: int, cfg: ModelConfig
 ) -> MoEAdapter:
     """Wrap a classifier built above, switching fused experts to the routed kernel."""
     inner = model.model if isinstance(model, SequenceClassifier) else model.backbone
     if hasattr(inner, "set_experts_implementation") and inner._can_set_experts_implementation():
         inner.set_experts_implementation(EXPERTS_IMPLEMENTATION)
-    return MoEAdapter(model, _find_layers(model), tokenizer, family, num_labels, freeze)
+    layers = _find_layers(model)
+    lora_targets = None
+    if cfg.lora.rank is not None:
+        apply_lora(model, layers, cfg.lora, cfg.quantization)
+        lora_targets = cfg.lora.targets
+    return MoEAdapter(model, layers, tokenizer, family, num_labels, cfg.freeze, lora_targets)

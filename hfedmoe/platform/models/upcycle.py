@@ -41,6 +41,7 @@ from hfedmoe.platform.config import ConfigError, ExpertInit, ModelConfig
 from hfedmoe.platform.models.adapter import FusedExperts, MoEAdapter, MoELayer, read_topk_router
 from hfedmoe.platform.models.experts import StackedExperts, grouped_experts
 from hfedmoe.platform.models.heads import PooledClassifier
+from hfedmoe.platform.models.lora import apply_lora, expert_lora, trained_leaves
 
 
 def bundled_minilm_path() -> Path:
@@ -114,7 +115,6 @@ class UpcycledFeedForward(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         flat = hidden.reshape(-1, hidden.shape[-1])
         _, weights, index = self.router(flat)
-        leaves = self._hfedmoe_leaves
         order = [n for n in ("w_in", "w_out", "b_in", "b_out") if n in self.expert_names]
         experts = StackedExperts(
             self.w_in,
@@ -122,7 +122,8 @@ class UpcycledFeedForward(nn.Module):
             self.activation,
             self.b_in,
             getattr(self, "b_out", None),  # partitioned experts share one out_bias
-            leaves=None if leaves is None else [[e[n] for n in order] for e in leaves],
+            lora=expert_lora(self),
+            leaves=trained_leaves(self, order),
         )
         out = grouped_experts(
             flat, index, weights, experts, self._hfedmoe_plan, self._hfedmoe_layer
@@ -350,4 +351,8 @@ def upcycled_adapter(cfg: ModelConfig, num_labels: int) -> MoEAdapter:
         cfg.drop_ratio,
     )
     tokenizer = AutoTokenizer.from_pretrained(str(cfg.tokenizer or path))
-    return MoEAdapter(model, layers, tokenizer, "upcycled", num_labels, cfg.freeze)
+    lora_targets = None
+    if cfg.lora.rank is not None:
+        apply_lora(model, layers, cfg.lora, cfg.quantization)
+        lora_targets = cfg.lora.targets
+    return MoEAdapter(model, layers, tokenizer, "upcycled", num_labels, cfg.freeze, lora_targets)
