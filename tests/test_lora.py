@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -20,6 +22,7 @@ from hfedmoe.platform.models.experts import (
     grouped_experts,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 D, H, INNER, E, R, K = 6, 5, 5, 4, 2, 2  # model dim, expert in/out widths, experts, rank, top-k
 
 
@@ -440,3 +443,23 @@ def test_client_uploads_only_the_adapters_it_trained():
         adapter.model.backbone.encoder.layer[0].intermediate.w_in, base, rtol=0, atol=0
     )
     assert upload.is_finite() and np.abs(upload.experts[layer]["lora_B_in"]).sum() > 0
+
+
+def test_deepseek_qlora_config_binds_phones_to_a_fifth_of_the_experts():
+    import yaml
+
+    from hfedmoe.platform.executors import run_in_process
+    from hfedmoe.platform.federation import build_federation
+
+    raw = yaml.safe_load((REPO / "configs" / "deepseek_qlora.yaml").read_text())
+    raw["federation"].update(rounds=1, clients_per_round=20, max_local_steps=1)
+    cfg = parse_config(raw)
+    _, adapter = build_federation(cfg)
+    mlp = adapter.model.model.model.layers[0].mlp
+    assert mlp.shared_experts.gate_proj.base_layer.out_features == 2 * 32  # two shared
+    assert adapter.num_experts == 64 and adapter.layers[0].top_k == 6
+    run = run_in_process(cfg)
+    clients = run.history.clients
+    assert all(c.failure is None for c in clients)
+    phones = [c for c in clients if c.tier == "phone"]
+    assert phones and all(0 < c.capacity < 0.25 * 128 for c in phones)

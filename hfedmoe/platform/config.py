@@ -139,6 +139,9 @@ class ModelConfig(_Section):
     hidden_size: int = Field(64, ge=8, description="tiny random-init models only")
     intermediate_size: int = Field(128, ge=8, description="tiny random-init models only")
     num_heads: int = Field(4, ge=1, description="tiny random-init models only")
+    num_shared_experts: int = Field(
+        1, ge=0, description="tiny deepseek_v2: always-on shared experts beside the routed ones"
+    )
     vocab_size: int | None = Field(
         None, ge=2, description="tiny models: hash token ids into this many embeddings"
     )

@@ -197,7 +197,7 @@ def tiny_model(kind: str, cfg, vocab_size: int, pad_token_id: int, num_labels: i
         config = DeepseekV2Config(
             **common,
             n_routed_experts=cfg.num_experts,
-            n_shared_experts=1,
+            n_shared_experts=cfg.num_shared_experts or None,
             moe_intermediate_size=cfg.intermediate_size,
             intermediate_size=cfg.intermediate_size,
             first_k_dense_replace=0,
