@@ -115,24 +115,31 @@ def capacity_shares(raw: dict) -> dict:
     }
 
 
-def run_one(dataset: str, strategy: str, seed: int, args, out: Path) -> dict:
-    path = out / f"{dataset}-{strategy}-s{seed}.json"
+def run_saved(path: Path, raw: dict, target: float, labels: dict) -> dict:
+    """Run a config in process and save its record at ``path``; a saved record is reused."""
     if path.is_file():
         return json.loads(path.read_text())
-    raw = config(dataset, strategy, seed, args)
     started = time.perf_counter()
     history = run_in_process(parse_config(raw)).history
     record = {
-        "dataset": dataset,
-        "strategy": strategy,
-        "seed": seed,
+        **labels,
         "config": raw,
-        "summary": summarise(history, TARGET[dataset]),
+        "summary": summarise(history, target),
         "rounds": [asdict(r) for r in history.rounds],
         "clients": [asdict(c) for c in history.clients],
         "wall_seconds": time.perf_counter() - started,
     }
     path.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def run_one(dataset: str, strategy: str, seed: int, args, out: Path) -> dict:
+    path = out / f"{dataset}-{strategy}-s{seed}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    raw = config(dataset, strategy, seed, args)
+    labels = {"dataset": dataset, "strategy": strategy, "seed": seed}
+    record = run_saved(path, raw, TARGET[dataset], labels)
     print(f"{dataset} {strategy} seed {seed}: {record['summary']}", flush=True)
     return record
 

@@ -277,3 +277,31 @@ def test_b10_checkpoint_size(tmp_path):
     # Rewriting the history would add one record (history_appended) per round, per round;
     # records differ only in the digits of their numbers, far less than a tenth of one.
     assert abs(report["bytes_per_round_slope"]) < 0.1 * report["history_appended_min"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (REPO.parent / "shared" / "data" / "ag_news" / "test.csv").is_file(),
+    reason="../shared/data/ag_news is not beside the checkout",
+)
+def test_b11_lora(tmp_path):
+    done = run_script("b11_lora.py", "--out", str(tmp_path))
+    steps = json.loads((tmp_path / "steps.json").read_text())
+    full, lora, qlora = steps["full"], steps["lora"], steps["qlora"]
+    # Whole experts and LoRA: the modelled step is the tensors it holds. The footprint's
+    # activations come from an unpadded batch; a padded one also saves its attention mask
+    # (kilobytes, against ~100 MB).
+    assert full["modelled_bytes"] == pytest.approx(full["measured_bytes"], rel=1e-3)
+    assert lora["modelled_bytes"] == pytest.approx(lora["measured_bytes"], rel=1e-3)
+    # QLoRA: modelled adds one layer's dequantized experts, a transient no tensor keeps.
+    assert qlora["measured_bytes"] < qlora["modelled_bytes"] < lora["modelled_bytes"]
+    assert qlora["measured"]["weights"] < lora["measured"]["weights"]
+    assert lora["measured"]["adamw"] < full["measured"]["adamw"] / 5
+    runs = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*-s0.json")}
+    assert len(runs) == 6
+    moved = {
+        m: runs[f"{m}-hfedmoe-s0"]["summary"]["bytes_communicated"]
+        for m in ("full", "lora", "qlora")
+    }
+    assert moved["lora"] == moved["qlora"] < moved["full"] / 5  # adapters and head only
+    assert "| qlora | moe_all_routed | 1 |" in done.stdout
