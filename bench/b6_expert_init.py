@@ -193,30 +193,45 @@ def main() -> None:
     probe = batch_tensors(data, test_rows[:8])  # the 8 x max_length routing probe
     split = (train_rows, test_rows, probe)
 
+    settings = {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"
+    }
+    # Resumable: a report of the same fine-tuning settings keeps its cells (the grid may
+    # differ), and the report is rewritten after every cell.
+    done: dict[tuple, dict] = {}
+    if args.out.is_file():
+        previous = json.loads(args.out.read_text())
+        same = ("layers", "steps", "batch_size", "max_length", "train_samples", "test_samples")
+        if all(previous["settings"].get(k) == settings[k] for k in (*same, "lr", "seed")):
+            done = {_key(c): c for c in previous["cells"]}
     cells = []
     for num_experts in args.experts:
         for fraction in K_FRACTIONS:
             top_k = max(1, num_experts // fraction)
             for init in args.inits:
-                cell = run_cell(init, num_experts, top_k, data, split, corpus.num_classes, args)
-                print(json.dumps(cell), flush=True)
+                cell = done.get((init, num_experts, top_k))
+                if cell is None:
+                    cell = run_cell(init, num_experts, top_k, data, split, corpus.num_classes, args)
+                    print(json.dumps(cell), flush=True)
                 cells.append(cell)
-    report = {
-        "benchmark": "b6_expert_init",
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "threads": args.threads,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "settings": {
-            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"
-        },
-        "train_size": len(train),
-        "test_size": len(test),
-        "cells": cells,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+                report = {
+                    "benchmark": "b6_expert_init",
+                    "machine": platform.machine(),
+                    "processor": platform.processor(),
+                    "threads": args.threads,
+                    "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "settings": settings,
+                    "train_size": len(train),
+                    "test_size": len(test),
+                    "cells": cells,
+                }
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(markdown(cells))
+
+
+def _key(cell: dict) -> tuple:
+    return cell["expert_init"], cell["num_experts"], cell["top_k"]
 
 
 if __name__ == "__main__":
