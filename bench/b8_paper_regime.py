@@ -69,9 +69,9 @@ def config(dataset: str, strategy: str, seed: int, args: argparse.Namespace) -> 
         "data": data,
         "model": {
             "kind": "upcycled",
-            "expert_init": "partition",
-            "num_experts": 8 if quick else 32,
-            "top_k": 2 if quick else 4,
+            "expert_init": args.expert_init,
+            "num_experts": 8 if quick else args.num_experts,
+            "top_k": 2 if quick else args.top_k,
             "num_layers": 2 if quick else None,
             "freeze": ["embed"],
         },
@@ -86,7 +86,7 @@ def config(dataset: str, strategy: str, seed: int, args: argparse.Namespace) -> 
             "eval_every": 1 if quick else 2,
             "target_accuracy": TARGET[dataset],
         },
-        "hfedmoe": {"tau": 1 / 32, "beta": 0.1, "importance_mix": 0.5},
+        "hfedmoe": {"tau": 1 / args.num_experts, "beta": 0.1, "importance_mix": 0.5},
         "budgets": {
             "distribution": "traces",
             "traces_dir": str(args.traces),
@@ -185,6 +185,9 @@ def regime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--traces", type=Path, default=Path("../shared/data/device_traces"))
     parser.add_argument("--memory-scale", type=float, default=0.005)
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--expert-init", default="partition", choices=["partition", "drop"])
+    parser.add_argument("--num-experts", type=int, default=32)
+    parser.add_argument("--top-k", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="tiny settings, for smoke tests")
 
 
@@ -193,7 +196,12 @@ def main() -> None:
     regime_arguments(parser)
     parser.add_argument("--only", choices=sorted(PLAN), help="run one data set's share only")
     parser.add_argument("--out", type=Path, default=Path("bench/results/b8"))
+    parser.add_argument("--strategies", nargs="+", help="a subset of the plan's strategies")
+    parser.add_argument("--seeds", type=int, help="only the first N of the plan's seeds")
     args = parser.parse_args()
+    for dataset, (strategies, seeds) in PLAN.items():
+        chosen = [s for s in strategies if not args.strategies or s in args.strategies]
+        PLAN[dataset] = (chosen, seeds[: args.seeds] if args.seeds else seeds)
     args.data, args.traces = args.data.resolve(), args.traces.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # one core per run: the other stays free, and runs compare fairly
