@@ -39,8 +39,11 @@ def _experts(seed: int, quantized: bool = False):
     return base, adapters
 
 
-def _reference(hidden, index, weights, base, adapters, scale):
-    """y_t = sum_k w_tk E_i(x_t) with each expert's merged weight W + scale B A, via autograd."""
+def _reference(hidden, index, weights, base, adapters, scale, frozen=()):
+    """y_t = sum_k w_tk E_i(x_t) with each expert's merged weight W + scale B A, via autograd.
+
+    Experts in ``frozen`` pass no gradient at all (the stop-gradient backward).
+    """
     a_in, b_in, a_out, b_out = adapters
     out = torch.zeros_like(hidden)
     for t in range(hidden.shape[0]):
@@ -49,7 +52,8 @@ def _reference(hidden, index, weights, base, adapters, scale):
             w_in = base["w_in"][e] + scale * b_in[e] @ a_in[e]
             w_out = base["w_out"][e] + scale * b_out[e] @ a_out[e]
             h = torch.relu(hidden[t] @ w_in.T + base["b_in"][e])
-            out[t] = out[t] + weights[t, slot] * (h @ w_out.T + base["b_out"][e])
+            y = h @ w_out.T + base["b_out"][e]
+            out[t] = out[t] + weights[t, slot] * (y.detach() if e in frozen else y)
     return out
 
 
@@ -62,10 +66,10 @@ def _routing(tokens: int, seed: int):
     return index, weights
 
 
-def _selected(base, adapters, trained: list[int], scale: float):
+def _selected(base, adapters, trained: list[int], scale: float, stop_gradient: bool = False):
     """Stacked experts with per-expert adapter leaves, and a plan that trains ``trained``."""
     leaves = [[t[e].detach().requires_grad_(True) for t in adapters] for e in range(E)]
-    plan = BackwardPlan(1, stop_gradient=False)
+    plan = BackwardPlan(1, stop_gradient=stop_gradient)
     active = torch.zeros(E, dtype=torch.bool)
     active[trained] = True
     plan.set_active(0, active)
@@ -76,8 +80,11 @@ def _selected(base, adapters, trained: list[int], scale: float):
     return experts, leaves, plan
 
 
+@pytest.mark.parametrize("stop_gradient", [False, True])
 @pytest.mark.parametrize("trained", [[0, 2], [1]])
-def test_lora_kernel_gradients_equal_the_merged_weight_and_skip_unselected_experts(trained):
+def test_lora_kernel_gradients_equal_the_merged_weight_and_skip_unselected_experts(
+    trained, stop_gradient
+):
     base, adapters = _experts(0)
     scale = 1.5
     index, weights = _routing(tokens=7, seed=1)
@@ -85,7 +92,7 @@ def test_lora_kernel_gradients_equal_the_merged_weight_and_skip_unselected_exper
 
     # Ours: per-expert adapter leaves sharing storage with the stacked tensors.
     x = hidden.clone().requires_grad_(True)
-    experts, leaves, plan = _selected(base, adapters, trained, scale)
+    experts, leaves, plan = _selected(base, adapters, trained, scale, stop_gradient)
     ours = grouped_experts(x, index, weights, experts, plan, 0)
     inputs = [x] + [t for e in trained for t in leaves[e]]
     torch.autograd.backward(ours.square().sum(), inputs=inputs)
@@ -93,7 +100,8 @@ def test_lora_kernel_gradients_equal_the_merged_weight_and_skip_unselected_exper
     # Reference: the merged weights, every adapter a leaf.
     x_ref = hidden.clone().requires_grad_(True)
     ref_adapters = [t.clone().requires_grad_(True) for t in adapters]
-    ref = _reference(x_ref, index, weights, base, ref_adapters, scale)
+    frozen = [e for e in range(E) if e not in trained] if stop_gradient else []
+    ref = _reference(x_ref, index, weights, base, ref_adapters, scale, frozen)
     ref.square().sum().backward()
 
     # float64 throughout, O(10) operations per element: rounding stays below 1e-12.

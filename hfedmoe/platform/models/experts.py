@@ -21,6 +21,11 @@ for the step's trained experts and, in stop-gradient mode, back-propagates only 
 rows. Its cost no longer grows with the number of experts at equal active FLOPs, which a
 Python loop of small GEMMs, one autograd node per expert, did (bench/b7). Per-expert
 modules (SwitchTransformers) keep that loop, ``routed_experts``.
+
+With LoRA (``ExpertLoRA``, models/lora.py) the same node applies each expert's rank-r
+adapter factored beside its frozen base, which may be stored in 4 bits (``NF4Weight``);
+the trained experts then get O(r) adapter gradients and the base only passes the input
+gradient through.
 """
 
 from __future__ import annotations
