@@ -133,8 +133,9 @@ def table(records: list[dict], steps: dict) -> str:
     lines = [
         f"| mode | strategy | runs | final accuracy | rounds to {TARGET:g} (reached) "
         f"| sim. h to {TARGET:g} | failed / sampled | C_budget (mean) | admitted share "
-        "| MB per round | s per union step | union step: modelled / measured MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| client step MB (modelled, mean) | MB per round | s per union step "
+        "| union step: modelled / measured MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode in MODES:
         step = steps[mode]
@@ -158,6 +159,7 @@ def table(records: list[dict], steps: dict) -> str:
                 f"{sum(c['failure'] is not None for c in clients)} / {len(clients)}",
                 _mean([c["capacity"] for c in clients]),
                 _mean([c["admitted_share"] for c in ok]),
+                _mean([c["memory_bytes"] / 1e6 for c in clients]),
                 _mean([(m["bytes_down"] + m["bytes_up"]) / 1e6 for m in rounds]),
                 f"{step['wall_seconds_per_step']:.3f}",
                 f"{step['modelled_bytes'] / 1e6:.1f} / {step['measured_bytes'] / 1e6:.1f}",
@@ -188,7 +190,9 @@ def main() -> None:
         for seed in (SEEDS[:1] if args.quick else SEEDS)
         for mode in MODES
     ]
-    print(table(records, steps))
+    report = table(records, steps)
+    (args.out / "table.md").write_text(report + "\n")
+    print(report)
     for mode in MODES:
         step = steps[mode]
         print(f"{mode}: union {step['union']}, measured {step['measured']}")

@@ -10,10 +10,10 @@ routes to (mean over layers), also at initialisation and after training.
 
 Only routed experts are computed and updated (the adapter's per-expert leaves), but a
 token still passes k full-width FFNs under copy and drop, so their cost grows with k; the
-defaults (2 layers, 16 steps of 8 x 64 tokens, 160 train and 200 test texts, E = 32) fit
-about 15 minutes on two busy cores. More: --layers 6 --experts 32 64 --steps 100.
+defaults (2 layers, 12 steps of 8 x 64 tokens, 160 train and 200 test texts, E = 32 and
+64) take about 15 minutes on one core; --layers 6 about three times that.
 
-    python bench/b6_expert_init.py [--quick] [--out bench/results/b6-init.json]
+    python bench/b6_expert_init.py [--layers 6] [--quick] [--out bench/results/b6-grid.json]
 """
 
 from __future__ import annotations
@@ -163,9 +163,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
     parser.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
-    parser.add_argument("--experts", nargs="+", type=int, default=[32])
+    parser.add_argument("--experts", nargs="+", type=int, default=[32, 64])
     parser.add_argument("--layers", type=int, default=2, help="first N MiniLM layers")
-    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--eval-batch-size", type=int, default=50)
     parser.add_argument("--max-length", type=int, default=64)
@@ -174,7 +174,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/b6-init.json"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results/b6-grid.json"))
     args = parser.parse_args()
     if args.quick:
         args.experts, args.layers, args.steps = [16], 1, 2
