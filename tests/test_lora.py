@@ -471,3 +471,12 @@ def test_deepseek_qlora_config_binds_phones_to_a_fifth_of_the_experts():
     assert all(c.failure is None for c in clients)
     phones = [c for c in clients if c.tier == "phone"]
     assert phones and all(0 < c.capacity < 0.25 * 128 for c in phones)
+
+
+def test_a_target_the_model_lacks_names_the_field():
+    cfg = ModelConfig(
+        kind="qwen3_moe", num_experts=4, hidden_size=32, intermediate_size=48, num_layers=1,
+        lora={"rank": 2, "targets": ["experts", "shared_experts"]},
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"model\.lora\.targets \['shared_experts'\]"):
+        build_adapter(cfg, 3, seed=0)

@@ -91,7 +91,9 @@ def apply_lora(
 
     Draws A from torch's global generator: seed it first (``build_adapter`` does).
     """
-    assert cfg.rank is not None
+    assert cfg.rank is not None and "experts" in cfg.targets  # LoRAConfig validates both
+    if quantization == "nf4":
+        _require_nf4()
     for layer in layers:
         experts = layer.experts
         if not isinstance(experts, FusedExperts):
@@ -102,14 +104,11 @@ def apply_lora(
             )
         # The two stacked matrices, input side first (w_in/w_out, gate_up_proj/down_proj).
         w_in, w_out = [n for n, t in experts.stacked().items() if t.dim() == 3]
-        if "experts" in cfg.targets:
-            add_expert_adapters(experts.owner, w_in, w_out, cfg.rank, cfg.alpha)
+        add_expert_adapters(experts.owner, w_in, w_out, cfg.rank, cfg.alpha)
         if quantization == "nf4":
-            _require_nf4()
             for name in (w_in, w_out):
                 quantize_nf4(experts.owner, name)
-        if "experts" in cfg.targets:
-            layer.experts = FusedExperts(experts.owner, EXPERT_ADAPTERS)
+        layer.experts = FusedExperts(experts.owner, EXPERT_ADAPTERS)
     patterns = [LINEAR_TARGETS[t] for t in cfg.targets if t in LINEAR_TARGETS]
     if patterns:
         from peft import LoraConfig, inject_adapter_in_model
@@ -120,7 +119,13 @@ def apply_lora(
             lora_dropout=cfg.dropout,
             target_modules="|".join(f"(?:{p})" for p in patterns),
         )
-        inject_adapter_in_model(peft_config, model)
+        try:
+            inject_adapter_in_model(peft_config, model)
+        except ValueError as error:  # no module of this model matches a target
+            named = [t for t in cfg.targets if t in LINEAR_TARGETS]
+            raise ConfigError(
+                f"model.lora.targets {named}: {error}; remove the targets this model lacks"
+            ) from error
 
 
 def _require_nf4() -> None:
