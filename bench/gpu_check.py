@@ -11,7 +11,7 @@ ends, so a run cut short keeps what it measured):
     num_gpus would pack actors): aggregate training tokens/s and the round's wall time.
 (b) memory.json: per strategy (every expert trained, a quarter of them) the modelled step
     memory (devices.step_memory_bytes) and, under caps enforced as the trainer enforces
-    them (local._cap_gpu_memory: the budget x (1 + margin)), one client whose budget is
+    them (client.cap_gpu_memory: the budget x (1 + margin)), one client whose budget is
     half the model (must fail: OOM) and clients at 1x and 2x it (must succeed), with the
     allocator's measured peak against the model.
 (c) mfu.json: one client step of a Qwen3-MoE with hidden 1024, 64 experts (top-8), in
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from hfedmoe.platform.budgets.cost import step_memory_bytes
-from hfedmoe.platform.client import ExpertAdamW, _cap_gpu_memory
+from hfedmoe.platform.client import ExpertAdamW, cap_gpu_memory
 from hfedmoe.platform.config import ModelConfig
 from hfedmoe.platform.models import build_adapter
 
@@ -198,7 +198,7 @@ def memory_caps(out: Path, device: torch.device, dry_run: bool) -> dict:
 
 def capped_step(adapter, batch, share: float, budget: float, device: torch.device) -> dict:
     torch.cuda.empty_cache()
-    _cap_gpu_memory(device, budget * (1 + MARGIN))
+    cap_gpu_memory(device, budget * (1 + MARGIN))
     outcome = "ok"
     try:
         train_step(adapter, batch, ExpertAdamW(1e-5, 0.0), share)

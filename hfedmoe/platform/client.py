@@ -177,7 +177,7 @@ class LocalTrainer:
         if on_gpu:
             torch.manual_seed(dropout_seed)
             margin = self.cfg.runtime.gpu_memory_margin
-            _cap_gpu_memory(self.device, budget.memory_bytes * (1 + margin))
+            cap_gpu_memory(self.device, budget.memory_bytes * (1 + margin))
         else:  # torch.manual_seed also queues a lazy CUDA seeding that formats a stack
             # trace on every call (~0.14 ms per client); the CPU generator state is the same.
             torch.default_generator.manual_seed(dropout_seed)
@@ -324,7 +324,7 @@ def _out_of_memory(report: ClientReport, budget: Budget) -> ClientReport:
     return report
 
 
-def _cap_gpu_memory(device: torch.device, memory_bytes: float) -> None:
+def cap_gpu_memory(device: torch.device, memory_bytes: float) -> None:
     """Enforce the client's memory budget on the GPU this process uses, and reset the peak.
 
     The cap is the modelled budget plus ``runtime.gpu_memory_margin``: the model counts
