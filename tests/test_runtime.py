@@ -103,12 +103,15 @@ def test_ray_runner_equals_in_process_runner(ray_address, tmp_path):
     assert result.history.rounds[-1].succeeded == 4
 
 
-def test_lora_runs_on_ray_equal_in_process(ray_address, tmp_path):
-    cfg = tiny(
-        tmp_path,
-        model={"lora": {"rank": 4, "aggregate": "product"}, "quantization": "nf4"},
-        tracking={"enabled": False},
-    )
+@pytest.mark.parametrize(
+    "strategy, lora",
+    [
+        ("hfedmoe", {"lora": {"rank": 4, "aggregate": "product"}, "quantization": "nf4"}),
+        ("flex", {"lora": {"rank": 4}}),  # no expert trains: head and attention adapters
+    ],
+)
+def test_lora_runs_on_ray_equal_in_process(ray_address, tmp_path, strategy, lora):
+    cfg = tiny(tmp_path, model=lora, federation={"strategy": strategy}, tracking={"enabled": False})
     expected_history, expected_state = run_simulation(cfg)
     result = launch(cfg, run_dir=tmp_path / "ray", progress=False)
     assert_same_run(expected_history, expected_state, result.history, result.state)
