@@ -272,10 +272,8 @@ class RoundAggregator:
     def _add(self, report: ClientReport, upload: ClientUpload) -> None:
         size = float(report.num_samples)
         if upload.shared:
-            paired = {name for pair in self.shared_delta for name in pair}
-            for name, value in upload.shared.items():
-                if name not in paired:
-                    self.shared_sum[name] += size * value
+            for name, total in self.shared_sum.items():  # product-mode pairs: below
+                total += size * upload.shared[name]
             for (a_name, b_name), total in self.shared_delta.items():
                 total += size * _delta64(upload.shared[b_name], upload.shared[a_name])
             self.shared_weight += size
