@@ -61,6 +61,14 @@ class DataConfig(_Section):
     split: str = Field("train", description="split read from huggingface/files sources")
     text_fields: list[str] = Field(default_factory=lambda: ["text"], min_length=1)
     label_field: str = "label"
+    prompt_field: str = Field(
+        "prompt",
+        description="task causal_lm: column holding the prompt (instruction) of a pair; a "
+        "files/huggingface dataset without it but with label_field becomes topic instructions",
+    )
+    response_field: str = Field(
+        "response", description="task causal_lm: column holding the response the loss is on"
+    )
     test_fraction: float = Field(0.2, gt=0, lt=1)
     max_test_samples: int | None = Field(None, ge=1)
     max_length: int = Field(64, ge=8, le=4096, description="tokens per sample")
