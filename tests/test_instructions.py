@@ -21,6 +21,11 @@ TURNS_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} [SEP] {% endfor %}"
     "{% if add_generation_prompt %}<assistant> {% endif %}"
 )
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 # The generation prompt ends in "a" and the answer follows without a space: "a" + "yes"
 # is one word, so the conversation's tokens do not start with the prompt's.
 GLUED_TEMPLATE = (
@@ -150,6 +155,25 @@ def test_chat_template_pair_by_hand(tokenizer):
     assert _response_tokens(chat, data, 0) == ["yes", "[SEP]"]
 
 
+def test_chatml_template_with_control_tokens(tokenizer):
+    """The ChatML format (Qwen's): the end-of-turn control token is a response target."""
+    chat = _with_template(tokenizer, CHATML_TEMPLATE)
+    chat.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    data = tokenisation.tokenize_pairs(_pairs(["Sky colour?"], ["Blue."]), chat, max_length=16)
+    prompt = [
+        "<|im_start|>",
+        "user",
+        "sky",
+        "colour",
+        "?",
+        "<|im_end|>",
+        "<|im_start|>",
+        "assistant",
+    ]
+    assert _tokens(chat, data, 0) == [*prompt, "blue", ".", "<|im_end|>"]
+    assert _response_tokens(chat, data, 0) == ["blue", ".", "<|im_end|>"]
+
+
 def test_chat_template_breaking_the_token_prefix_falls_back_to_texts(tokenizer, caplog):
     chat = _with_template(tokenizer, GLUED_TEMPLATE)
     glued = chat.apply_chat_template(
@@ -167,7 +191,7 @@ def test_chat_template_breaking_the_token_prefix_falls_back_to_texts(tokenizer, 
 
 def test_chat_template_that_does_not_extend_the_prompt_is_rejected(tokenizer):
     chat = _with_template(tokenizer, MISMATCHED_TEMPLATE)
-    with pytest.raises(ConfigError, match=r"model\.tokenizer: .* pair 0 .*chat_template"):
+    with pytest.raises(ConfigError, match=r"model\.tokenizer: .* prompt 'sky\?' .*chat_template"):
         tokenisation.tokenize_pairs(_pairs(["sky?"], ["yes"]), chat, max_length=12)
 
 
@@ -209,7 +233,9 @@ def test_sparse_long_prompt_is_encoded_whole_when_its_prefix_falls_short(tokeniz
 def test_a_response_too_long_for_max_length_is_a_config_error(tokenizer, template):
     tok = _with_template(tokenizer, template) if template else tokenizer
     long_answer = " ".join(["yes"] * 12)
-    with pytest.raises(ConfigError, match=r"data\.max_length=16: the response of pair 1 takes 13"):
+    with pytest.raises(
+        ConfigError, match=r"data\.max_length=16: the response 'yes yes .* takes 13 tokens"
+    ):
         tokenisation.tokenize_pairs(_pairs(["ok", "why?"], ["fine", long_answer]), tok, 16)
 
 

@@ -233,11 +233,11 @@ def tokenize_pairs(
     return TokenizedPairs(input_ids, attention_mask, labels, targets, prompt_lengths)
 
 
-def _no_room_error(row: int, response_tokens: int, max_length: int) -> ConfigError:
+def _no_room_error(response: str, response_tokens: int, max_length: int) -> ConfigError:
     return ConfigError(
-        f"data.max_length={max_length}: the response of pair {row} takes {response_tokens} "
-        "tokens with its end, which with the prompt format leaves no room for its prompt; "
-        "raise data.max_length or shorten that response"
+        f"data.max_length={max_length}: the response {response!r:.60} takes "
+        f"{response_tokens} tokens with its end, which with the prompt format leaves no room "
+        "for its prompt; raise data.max_length or shorten that response"
     )
 
 
@@ -255,13 +255,13 @@ def _plain_rows(
     head = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     separator = _encode(tokenizer, [PLAIN_RESPONSE_SEPARATOR])[0]
     rows = []
-    for row, (prompt, response) in enumerate(
-        zip(_encode(tokenizer, prompts), _encode(tokenizer, responses), strict=True)
+    for text, prompt, response in zip(
+        responses, _encode(tokenizer, prompts), _encode(tokenizer, responses), strict=True
     ):
         response = [*response, end]
         room = max_length - len(head) - len(separator) - len(response)
         if room < 1:
-            raise _no_room_error(row, len(response), max_length)
+            raise _no_room_error(text, len(response), max_length)
         rows.append(([*head, *prompt[:room], *separator], response))
     return rows
 
@@ -288,7 +288,7 @@ def _chat_rows(
         for i in too_long:
             kept[i] -= len(rows[i][0]) + len(rows[i][1]) - max_length
             if kept[i] < 1:
-                raise _no_room_error(i, len(rows[i][1]), max_length)
+                raise _no_room_error(responses[i], len(rows[i][1]), max_length)
             cut_prompts.append(prompts[i][: spans_of[i][kept[i] - 1][1]])
         cut_rows = _render_chat(cut_prompts, [responses[i] for i in too_long], tokenizer)
         for i, row in zip(too_long, cut_rows, strict=True):
@@ -329,10 +329,11 @@ def _render_chat(
     for i, prompt_text, chat_text in zip(broken, prompt_texts, chat_texts, strict=True):
         if not chat_text.startswith(prompt_text):
             raise ConfigError(
-                f"model.tokenizer: its chat template renders pair {i} so that the conversation "
-                "does not start with the prompt and generation prompt, so the response tokens "
-                "cannot be told apart; use a tokenizer whose template extends the prompt, or "
-                "clear its chat_template to use the plain prompt format"
+                f"model.tokenizer: its chat template renders the pair with prompt "
+                f"{prompts[i]!r:.60} so that the conversation does not start with the prompt "
+                "and generation prompt, so the response tokens cannot be told apart; use a "
+                "tokenizer whose template extends the prompt, or clear its chat_template to "
+                "use the plain prompt format"
             )
         prompt, response = _encode(tokenizer, [prompt_text, chat_text[len(prompt_text) :]])
         rows[i] = (prompt, response)
