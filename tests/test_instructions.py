@@ -321,3 +321,11 @@ def test_load_instructions_chooses_topics_or_pairs(tmp_path, hf_cache):
     neither.write_text("text,topic\nq,r\n")
     with pytest.raises(ConfigError, match=r"data\.prompt_field='prompt'.*text, topic"):
         instructions.load_instructions(DataConfig(source="files", path=str(neither)))
+
+
+def test_an_unreachable_hub_dataset_is_a_config_error(hf_cache, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConfigError, match=r"data\.path nobody/no-such-set: could not load"):
+        instructions.load_instruction_pairs(
+            "huggingface", "nobody/no-such-set", "train", "prompt", "response"
+        )
