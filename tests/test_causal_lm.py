@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from mlflow.tracking import MlflowClient
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -31,14 +32,9 @@ from hfedmoe.platform.tasks.causal_lm import (
     predicting_positions,
 )
 
-TINY_MODEL = {
-    "kind": "qwen3_moe",
-    "num_experts": 4,
-    "top_k": 2,
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_layers": 2,
-}
+REPO = Path(__file__).resolve().parents[1]
+# configs/tiny.yaml's model: a tiny random-init Qwen3-MoE, 4 experts, top-2, 2 layers.
+TINY_MODEL = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())["model"]
 TIERS = [
     {"name": "slow", "proportion": 0.5, "memory_fraction": 1.5, "flops_per_s": 1.0e11},
     {"name": "fast", "proportion": 0.5, "memory_fraction": 1.5, "flops_per_s": 1.0e12},
@@ -376,3 +372,42 @@ def test_classification_as_generation_on_bbc_beats_chance():
     threshold = chance + 4 * math.sqrt(chance * (1 - chance) / n)
     accuracy = run_state.history.final_accuracy()
     assert accuracy > threshold, (accuracy, threshold)
+
+
+# ---- Ray: the executor and a sweep -----------------------------------------------------------
+@pytest.mark.ray
+def test_ray_causal_lm_run_is_bit_identical_to_in_process(ray_address, tmp_path):
+    from hfedmoe.launch import launch
+
+    cfg = lm_config(federation={"rounds": 2}, runtime={"client_timeout_s": 120})
+    expected = run_in_process(cfg)
+    result = launch(cfg, run_dir=tmp_path / "ray", progress=False)
+    assert [r.deterministic() for r in result.history.rounds] == [
+        r.deterministic() for r in expected.history.rounds
+    ]
+    assert result.history.generations == expected.history.generations
+    for group in ("shared", "gates"):
+        for name, value in getattr(expected.state, group).items():
+            np.testing.assert_array_equal(value, getattr(result.state, group)[name])
+    for ours, theirs in zip(expected.state.experts, result.state.experts, strict=True):
+        for name in ours:
+            np.testing.assert_array_equal(ours[name], theirs[name])
+
+
+@pytest.mark.ray
+def test_a_sweep_of_causal_lm_trials_reports_exact_match(ray_address, tmp_path):
+    from hfedmoe.tuning.sweep import run_sweep
+
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(lm_config().model_dump(mode="json")))
+    sweep = {
+        "name": "lm-sweep",
+        "base": str(base),
+        "search": {"federation.strategy": {"grid": ["hfedmoe", "budget_random"]}},
+        "storage_path": str(tmp_path / "sweeps"),
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    result = run_sweep(path, progress=False)
+    assert len(result.rows) == 2
+    assert all(0 <= row["final_accuracy"] <= 1 for row in result.rows)
