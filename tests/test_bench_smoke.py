@@ -305,3 +305,13 @@ def test_b11_lora(tmp_path):
     }
     assert moved["lora"] == moved["qlora"] < moved["full"] / 5  # adapters and head only
     assert "| qlora | moe_all_routed | 1 |" in done.stdout
+
+
+def test_b13_causal_lm(tmp_path):
+    run_script("b13_causal_lm.py", "--out", str(tmp_path))
+    record = json.loads((tmp_path / "hfedmoe.json").read_text())
+    rounds = record["rounds"]
+    assert len(rounds) == 2 and all(r["perplexity"] > 1 for r in rounds)
+    assert rounds[1]["test_loss"] < rounds[0]["test_loss"]
+    assert 0 < record["chance_exact_match"] < 1
+    assert (tmp_path / "table.md").read_text().startswith("| strategy | round |")

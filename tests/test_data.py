@@ -518,3 +518,36 @@ def test_tokenize_of_long_texts_equals_encoding_them_whole(tokenizer):
     torch.testing.assert_close(got.input_ids, whole["input_ids"])
     torch.testing.assert_close(got.attention_mask, whole["attention_mask"])
     assert int(got.attention_mask[1].sum()) == 32  # the sparse text did fill max_length
+
+
+# --------------------------------------------------------------------------- causal-LM pairs
+
+
+def test_pair_routing_counts_prompt_and_response_tokens_loss_only_response(tokenizer):
+    """Routing statistics average over prompt + response + end; the loss sees response + end."""
+    from hfedmoe.platform.data.instructions import InstructionPairs
+    from hfedmoe.platform.models.adapter import reduce_routing
+
+    pairs = InstructionPairs("t", ["is the sky blue?"], ["yes"], np.zeros(1), ["all"], False)
+    tokens = tokenisation.tokenize_pairs(pairs, tokenizer, max_length=16)
+    # is the sky blue ? | # # # response : | yes [SEP] | 4 x [PAD]
+    prompt, response, padding = 10, 2, 4
+    assert tokens.prompt_lengths.tolist() == [prompt]
+    assert tokens.attention_mask[0].tolist() == [1] * (prompt + response) + [0] * padding
+    expected_targets = [-100] * prompt + tokens.input_ids[0, prompt:-padding].tolist()
+    assert tokens.targets[0].tolist() == expected_targets + [-100] * padding
+    assert tokenizer.convert_ids_to_tokens(tokens.targets[0, prompt:-padding]) == ["yes", "[SEP]"]
+
+    # Router probabilities per token: prompt tokens, response tokens and padding each
+    # prefer their own expert, so the sample's mean shows which tokens it averaged.
+    by_part = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]])
+    part_of_token = torch.tensor([0] * prompt + [1] * response + [2] * padding)
+    logits = by_part[part_of_token].log()  # [S, E]: softmax gives back by_part's rows
+    top1 = part_of_token.unsqueeze(-1)  # each token routed to its part's expert
+    captured = [(logits, top1, torch.ones_like(top1, dtype=torch.bool))]
+    routing = reduce_routing(captured, tokens.attention_mask, num_experts=3)
+    expected = (prompt * by_part[0] + response * by_part[1]) / (prompt + response)
+    # float32 softmax and a 12-term mean: a few ulp of relative error.
+    torch.testing.assert_close(routing.probs[0, 0], expected, rtol=1e-6, atol=1e-7)
+    assert routing.routed[0, 0].tolist() == [True, True, False], "padding is not routed"
+    assert routing.token_counts[0].tolist() == [prompt, response, 0]

@@ -19,8 +19,7 @@ from hfedmoe.platform.budgets.drawing import Budget
 from hfedmoe.platform.client import train_client
 from hfedmoe.platform.config import ExperimentConfig
 from hfedmoe.platform.data.tokenisation import TokenizedText
-from hfedmoe.platform.federation import make_trainer
-from hfedmoe.platform.models import build_adapter
+from hfedmoe.platform.federation import build_task_adapter, make_trainer
 from hfedmoe.platform.records import ClientReport, ClientUpload, ModelState
 from hfedmoe.platform.strategies import Strategy, make_strategy, register
 
@@ -40,7 +39,7 @@ class ClientWorker:
     ) -> None:
         register(strategy)  # a class the driver registered; this process may not have
         torch.set_num_threads(threads)
-        adapter = build_adapter(cfg.model, num_labels, cfg.seed)
+        adapter = build_task_adapter(cfg, num_labels)
         adapter.model.to(device)
         self.cfg = cfg
         self.trainer = make_trainer(adapter, train, footprint, cfg)

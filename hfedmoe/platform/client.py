@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.optim.adam import adam
 
 from hfedmoe.platform.aggregation import expert_usage
@@ -34,6 +33,7 @@ from hfedmoe.platform.models.adapter import MoEAdapter
 from hfedmoe.platform.records import ClientReport, ClientUpload, ModelState
 from hfedmoe.platform.selection import batch_importance
 from hfedmoe.platform.strategies import make_strategy
+from hfedmoe.platform.tasks import make_task
 
 
 class ExpertAdamW:
@@ -127,11 +127,15 @@ class LocalTrainer:
         self.footprint = footprint
         self.cfg = cfg
         self.strategy = make_strategy(cfg.federation.strategy, cfg.hfedmoe)
+        self.task = make_task(cfg.task.name, cfg.task.params)
         self.stop_gradient = cfg.federation.backward == "stop_gradient"
+        head = adapter.lm_head_params()
         self.flops = StepFlops(
             adapter.matmul_params_per_expert(),
             self.stop_gradient,
             adapter.adapter_params_per_expert(),
+            head,
+            head > 0 and adapter.lm_head_trains(),
         )
         self.device = next(adapter.model.parameters()).device
         self.zero_stage = 0  # device memory as the torch engine holds it (see zero.py)
@@ -243,11 +247,18 @@ class LocalTrainer:
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 shape = tuple(batch["input_ids"].shape)
                 if not self.flops.known(shape):
-                    self.flops.calibrate(shape, lambda b=batch: self._throwaway_step(b, leaves))
+                    self.flops.calibrate(
+                        shape,
+                        lambda b=batch: self._throwaway_step(b, leaves),
+                        self.task.predictions(batch),
+                    )
                 logits, routing = adapter.forward(
-                    batch["input_ids"], batch["attention_mask"], capture_routing=True
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    capture_routing=True,
+                    positions=self.task.positions(batch),
                 )
-                loss = F.cross_entropy(logits, batch["labels"])
+                loss = self.task.loss(logits, batch)
                 active = strategy.select_experts(routing, capacity, rng)
                 if strategy.trains == "routed" and int(active.sum()) > step_limit:
                     tally.out_of_memory = True  # this step's routed union does not fit
@@ -264,7 +275,9 @@ class LocalTrainer:
         tally.steps += 1
         tally.samples += size
         tally.loss_sum += float(loss.detach()) * size
-        tally.flops += self.flops.total(shape, routing.pair_counts, active)
+        tally.flops += self.flops.total(
+            shape, routing.pair_counts, active, self.task.predictions(batch)
+        )
         tally.prob_sum += routing.probs.sum(dim=1).double()
         mix = self.cfg.hfedmoe.importance_mix
         tally.importance_sum += batch_importance(routing.probs, mix).double()
@@ -295,13 +308,16 @@ class LocalTrainer:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             logits, routing = adapter.forward(
-                batch["input_ids"], batch["attention_mask"], capture_routing=True
+                batch["input_ids"],
+                batch["attention_mask"],
+                capture_routing=True,
+                positions=self.task.positions(batch),
             )
             shape = (adapter.num_layers, adapter.num_experts)
             trained = torch.full(shape, adapter.lora, dtype=torch.bool)
             adapter.set_active_experts(trained)
             tensors = leaves.for_step(trained)
-            loss = F.cross_entropy(logits, batch["labels"])
+            loss = self.task.loss(logits, batch)
             torch.autograd.backward(loss, inputs=list(tensors.values()))
         for t in tensors.values():
             t.grad = None

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hfedmoe.platform.budgets.profiles import EMBEDDED_DEVICES, EMBEDDED_NETWORKS
 from hfedmoe.platform.errors import ConfigError
 from hfedmoe.platform.strategies import STRATEGIES
+from hfedmoe.platform.tasks import TASKS
 
 MODEL_KINDS = (
     "upcycled",
@@ -61,6 +62,14 @@ class DataConfig(_Section):
     split: str = Field("train", description="split read from huggingface/files sources")
     text_fields: list[str] = Field(default_factory=lambda: ["text"], min_length=1)
     label_field: str = "label"
+    prompt_field: str = Field(
+        "prompt",
+        description="task causal_lm: column holding the prompt (instruction) of a pair; a "
+        "files/huggingface dataset without it but with label_field becomes topic instructions",
+    )
+    response_field: str = Field(
+        "response", description="task causal_lm: column holding the response the loss is on"
+    )
     test_fraction: float = Field(0.2, gt=0, lt=1)
     max_test_samples: int | None = Field(None, ge=1)
     max_length: int = Field(64, ge=8, le=4096, description="tokens per sample")
@@ -346,6 +355,35 @@ class BudgetConfig(_Section):
         return self
 
 
+class TaskConfig(_Section):
+    """What the federation learns (tasks/): the head, the loss, the evaluation."""
+
+    name: str = Field(
+        "classification",
+        description="classification: a classifier head, cross-entropy on the labels; "
+        "causal_lm: the decoder's own LM head, next-token loss on the responses of "
+        "prompt/response pairs (topic instructions from a classification corpus)",
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the task's own settings (causal_lm: max_new_tokens, logged_generations)",
+    )
+
+    @model_validator(mode="after")
+    def _registered(self) -> TaskConfig:
+        if self.name not in TASKS:
+            raise ValueError(f"unknown task {self.name!r}; choose one of {', '.join(TASKS)}")
+        try:
+            TASKS[self.name].Params.model_validate(self.params)
+        except ValidationError as err:
+            problems = "; ".join(
+                f"task.params.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                for e in err.errors()
+            )
+            raise ValueError(problems) from None
+        return self
+
+
 class RuntimeConfig(_Section):
     """How the Ray runner places and supervises clients (ignored by the in-process runner)."""
 
@@ -422,6 +460,7 @@ class ExperimentConfig(_Section):
     model: ModelConfig = ModelConfig()
     federation: FederationConfig = FederationConfig()
     hfedmoe: HFedMoEConfig = HFedMoEConfig()
+    task: TaskConfig = TaskConfig()
     budgets: BudgetConfig = BudgetConfig(
         tiers=[TierConfig(name="full", proportion=1.0, memory_fraction=2.0, flops_per_s=1e12)]
     )
@@ -447,6 +486,23 @@ class ExperimentConfig(_Section):
                 raise ValueError(
                     f"faults.aggregator_crash: {round_index} names no round in [0, {fed.rounds})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _model_has_an_lm_head(self) -> ExperimentConfig:
+        if TASKS[self.task.name].head != "lm":
+            return self
+        if self.model.kind in ("upcycled", "switch_transformers"):
+            raise ValueError(
+                f"task.name={self.task.name!r} needs a decoder with its own LM head; "
+                f"model.kind={self.model.kind!r} is an encoder: choose qwen3_moe, mixtral, "
+                "olmoe, deepseek_v2 or a pretrained causal checkpoint"
+            )
+        if self.model.vocab_size is not None:
+            raise ValueError(
+                f"model.vocab_size hashes token ids, but task.name={self.task.name!r} "
+                "generates and compares real tokens: drop model.vocab_size"
+            )
         return self
 
     @model_validator(mode="after")

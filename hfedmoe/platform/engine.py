@@ -23,12 +23,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from hfedmoe.platform.aggregation import AggregationReport
 from hfedmoe.platform.checkpoint import load_checkpoint
 from hfedmoe.platform.config import ExperimentConfig
-from hfedmoe.platform.data.tokenisation import TokenizedText, batch_tensors
 from hfedmoe.platform.errors import ConfigError, InjectedFault, Terminated
 from hfedmoe.platform.federation import Federation, build_federation
 from hfedmoe.platform.models import MoEAdapter
@@ -101,19 +99,6 @@ def sample_clients(num_clients: int, per_round: int, seed: int, round_index: int
 def should_evaluate(cfg: ExperimentConfig, round_index: int) -> bool:
     last = round_index == cfg.federation.rounds - 1
     return last or (round_index + 1) % cfg.federation.eval_every == 0
-
-
-@torch.no_grad()
-def evaluate(adapter: MoEAdapter, test: TokenizedText, batch_size: int) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy of the adapter's model on the test set."""
-    adapter.model.eval()
-    correct, loss_sum = 0, 0.0
-    for start in range(0, len(test), batch_size):
-        batch = batch_tensors(test, np.arange(start, min(start + batch_size, len(test))))
-        logits, _ = adapter.forward(batch["input_ids"], batch["attention_mask"])
-        loss_sum += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
-        correct += int((logits.argmax(dim=-1) == batch["labels"]).sum())
-    return correct / len(test), loss_sum / len(test)
 
 
 def round_metrics(
@@ -259,13 +244,21 @@ def _loop(run_state: Run, adapter: MoEAdapter, executor: Executor, callbacks) ->
         started = time.perf_counter()
         clients = sample_clients(fn.num_clients, fn.clients_per_round, cfg.seed, round_index)
         result = executor.run_round(round_index, clients, run_state.state)
-        accuracy = test_loss = None
+        accuracy = test_loss = perplexity = None
         if should_evaluate(cfg, round_index):
             adapter.load_state(result.state)
-            accuracy, test_loss = evaluate(adapter, fed.test, fn.eval_batch_size)
+            evaluation = fed.task.evaluate(adapter, fed.test, fn.eval_batch_size, fed.label_like)
+            accuracy, test_loss, perplexity = (
+                evaluation.accuracy,
+                evaluation.loss,
+                evaluation.perplexity,
+            )
+            if evaluation.generations:
+                run_state.history.generations[round_index] = evaluation.generations
         metrics = round_metrics(
             round_index, result, accuracy, test_loss, run_state.clock, fn.round_deadline_s
         )
+        metrics.perplexity = perplexity
         metrics.wall_seconds = time.perf_counter() - started
         record_round(run_state.history, fed, metrics, result.reports)
         run_state.state = result.state

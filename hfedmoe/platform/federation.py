@@ -1,7 +1,9 @@
 """Everything a run builds from its config before round one, shared by every executor.
 
-The corpus and its seeded stratified split, the tokenised train and test sets, the client
-shards, the model and its memory footprint, the client budgets, and the client trainer.
+The task's examples and their seeded stratified split (over the groups: classes, or the
+classes of label-like answers), the tokenised train and test sets, the client shards,
+the model with the task's head and its memory footprint, the client budgets, and the
+client trainer.
 Building is deterministic: the same config gives the same federation in any process.
 """
 
@@ -22,10 +24,11 @@ from hfedmoe.platform.budgets.cost import (
 from hfedmoe.platform.budgets.drawing import ClientBudgets, draw_budgets
 from hfedmoe.platform.client import LocalTrainer
 from hfedmoe.platform.config import ExperimentConfig
-from hfedmoe.platform.data.corpora import load_corpus, split_record, stratified_split
+from hfedmoe.platform.data.corpora import split_record, stratified_split
 from hfedmoe.platform.data.partitioning import ClientShards, partition
-from hfedmoe.platform.data.tokenisation import TokenizedText, tokenize
+from hfedmoe.platform.data.tokenisation import TokenizedText
 from hfedmoe.platform.models import MoEAdapter, build_adapter
+from hfedmoe.platform.tasks import Task, make_task
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +36,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class Federation:
     cfg: ExperimentConfig
-    label_names: list[str]
-    train: TokenizedText
+    task: Task
+    label_names: list[str]  # the groups: classes, or classes of label-like answers
+    label_like: bool  # answers from a small fixed set (always, for classification)
+    train: TokenizedText  # or TokenizedPairs (causal_lm), which batches alike
     test: TokenizedText
     shards: ClientShards
     budgets: ClientBudgets
@@ -49,18 +54,18 @@ class Federation:
 def build_federation(cfg: ExperimentConfig) -> tuple[Federation, MoEAdapter]:
     """Load data, split, tokenise, partition, build the model, measure it, draw budgets."""
     data_cfg, fed = cfg.data, cfg.federation
-    corpus = load_corpus(
-        data_cfg.source, data_cfg.path, data_cfg.split, data_cfg.text_fields, data_cfg.label_field
-    )
-    train_idx, test_idx = stratified_split(corpus.labels, data_cfg.test_fraction, cfg.seed)
-    split = split_record(corpus.labels, train_idx, test_idx, cfg.seed, data_cfg.test_fraction)
+    task = make_task(cfg.task.name, cfg.task.params)
+    examples = task.load(data_cfg)
+    groups = examples.groups
+    train_idx, test_idx = stratified_split(groups, data_cfg.test_fraction, cfg.seed)
+    split = split_record(groups, train_idx, test_idx, cfg.seed, data_cfg.test_fraction)
     if data_cfg.max_test_samples is not None and len(test_idx) > data_cfg.max_test_samples:
         rng = np.random.default_rng([cfg.seed, 1])
         test_idx = np.sort(rng.choice(test_idx, data_cfg.max_test_samples, replace=False))
         split["evaluated_test_rows"] = len(test_idx)
-    adapter = build_adapter(cfg.model, corpus.num_classes, cfg.seed)
-    train = _tokenize(corpus, train_idx, adapter, data_cfg.max_length)
-    test = _tokenize(corpus, test_idx, adapter, data_cfg.max_length)
+    adapter = build_task_adapter(cfg, len(examples.group_names))
+    train = task.tokenize(examples, train_idx, adapter.tokenizer, data_cfg.max_length)
+    test = task.tokenize(examples, test_idx, adapter.tokenizer, data_cfg.max_length)
     part = data_cfg.partition
     shards = partition(
         train.labels.numpy(),
@@ -73,7 +78,7 @@ def build_federation(cfg: ExperimentConfig) -> tuple[Federation, MoEAdapter]:
         samples_per_client=part.samples_per_client,
         seed=cfg.seed,
     )
-    footprint = measure_footprint(adapter, train, fed.batch_size)
+    footprint = measure_footprint(adapter, train, fed.batch_size, task)
     budgets = draw_budgets(
         cfg.budgets,
         fed.num_clients,
@@ -83,7 +88,9 @@ def build_federation(cfg: ExperimentConfig) -> tuple[Federation, MoEAdapter]:
     )
     federation = Federation(
         cfg=cfg,
-        label_names=corpus.label_names,
+        task=task,
+        label_names=examples.group_names,
+        label_like=examples.label_like,
         train=train,
         test=test,
         shards=shards,
@@ -94,19 +101,36 @@ def build_federation(cfg: ExperimentConfig) -> tuple[Federation, MoEAdapter]:
     return federation, adapter
 
 
-def _tokenize(corpus, rows: np.ndarray, adapter: MoEAdapter, max_length: int) -> TokenizedText:
-    texts = [corpus.texts[i] for i in rows]
-    return tokenize(texts, corpus.labels[rows], adapter.tokenizer, max_length)
+def build_task_adapter(cfg: ExperimentConfig, num_labels: int) -> MoEAdapter:
+    """The configured model with the configured task's head (every process builds it so)."""
+    head = make_task(cfg.task.name, cfg.task.params).head
+    return build_adapter(cfg.model, num_labels, cfg.seed, head)
 
 
-def measure_footprint(adapter: MoEAdapter, train: TokenizedText, batch_size: int) -> ModelFootprint:
+def measure_footprint(
+    adapter: MoEAdapter, train: TokenizedText, batch_size: int, task: Task | None = None
+) -> ModelFootprint:
     """The model's footprint with activations measured on a full-length batch.
 
     Budgets must hold for any batch, so the activation term is measured with every
     position attended (rows are padded to max_length; dynamic padding only shrinks them).
+    A task whose loss saves tensors that matter (``loss_in_footprint``: the LM head's
+    log-softmax over [N, V] at the positions that predict targets) has its loss in the
+    measured forward, on the rows it names (``footprint_rows``).
     """
-    input_ids = train.input_ids[:batch_size]
-    saved = adapter.measure_activation_bytes(input_ids, torch.ones_like(input_ids))
+    if task is None or not task.loss_in_footprint:
+        input_ids = train.input_ids[:batch_size]
+        saved = adapter.measure_activation_bytes(input_ids, torch.ones_like(input_ids))
+        return adapter.footprint(activation_bytes_per_sample=saved / len(input_ids))
+    rows = torch.as_tensor(task.footprint_rows(train, batch_size))
+    batch = {name: value[rows] for name, value in vars(train).items()}
+    input_ids = batch["input_ids"]
+    saved = adapter.measure_activation_bytes(
+        input_ids,
+        torch.ones_like(input_ids),
+        lambda logits: task.loss(logits, batch),
+        task.positions(batch),
+    )
     return adapter.footprint(activation_bytes_per_sample=saved / len(input_ids))
 
 

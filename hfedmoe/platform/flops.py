@@ -13,9 +13,13 @@ are trained:
   mode (frozen experts are not back-propagated at all);
 * weight gradient: only pairs of trained experts.
 
+A causal LM's head is the other part that varies within a shape: it runs on the N
+positions that predict a target (``tasks.causal_lm``), 2 d V FLOPs each forward, as many
+for the input gradient, and as many again for its weight gradient when it trains.
+
 The dense part of each batch shape is measured once per process by a calibration pass
 (``calibrate``) whose result is discarded; every real step adds that to the analytic
-expert part. A test checks the sum against FlopCounterMode on real steps.
+expert and head parts. A test checks the sum against FlopCounterMode on real steps.
 """
 
 from __future__ import annotations
@@ -28,7 +32,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 class StepFlops:
     def __init__(
-        self, matmul_params_per_expert: int, stop_gradient: bool, adapter_params_per_expert: int = 0
+        self,
+        matmul_params_per_expert: int,
+        stop_gradient: bool,
+        adapter_params_per_expert: int = 0,
+        lm_head_params: int = 0,
+        lm_head_trains: bool = False,
     ) -> None:
         """``adapter_params_per_expert`` > 0: experts train rank-r LoRA adapters (models.lora).
 
@@ -36,7 +45,11 @@ class StepFlops:
         adapters, forward and input gradient pass through base and adapter; the weight
         gradient is the adapters' only, 4 FLOPs per adapter element and pair (the rank-r
         products x A^T and g B, recomputed, then the two outer products).
+
+        ``lm_head_params`` (V x d) > 0: a causal LM's head, whose FLOPs count per predicted
+        position: forward and input gradient, and the weight gradient if ``lm_head_trains``.
         """
+        self.per_prediction = 2.0 * lm_head_params * (3 if lm_head_trains else 2)
         self.per_pair = 2.0 * (matmul_params_per_expert + adapter_params_per_expert)
         if adapter_params_per_expert:
             self.weight_grad_per_pair = 4.0 * adapter_params_per_expert
@@ -60,13 +73,21 @@ class StepFlops:
         self,
         shape: tuple[int, ...],
         step: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+        predictions: int = 0,
     ) -> None:
-        """Count one throw-away step; ``step`` returns its (pair_counts, active)."""
+        """Count one throw-away step; ``step`` returns its (pair_counts, active), and
+        ``predictions`` is how many positions it ran the LM head on."""
         with FlopCounterMode(display=False) as counter:
             pair_counts, active = step()
-        self.dense[shape] = counter.get_total_flops() - self.expert_flops(pair_counts, active)
+        varying = self.expert_flops(pair_counts, active) + self.per_prediction * predictions
+        self.dense[shape] = counter.get_total_flops() - varying
 
     def total(
-        self, shape: tuple[int, ...], pair_counts: torch.Tensor, active: torch.Tensor
+        self,
+        shape: tuple[int, ...],
+        pair_counts: torch.Tensor,
+        active: torch.Tensor,
+        predictions: int = 0,
     ) -> float:
-        return self.dense[shape] + self.expert_flops(pair_counts, active)
+        experts = self.expert_flops(pair_counts, active)
+        return self.dense[shape] + experts + self.per_prediction * predictions

@@ -144,6 +144,7 @@ class RoundMetrics:
     round_seconds: float  # simulated
     simulated_seconds: float  # cumulative simulated clock
     wall_seconds: float = 0.0
+    perplexity: float | None = None  # causal_lm: exp(test_loss) where evaluated
 
     def deterministic(self) -> dict[str, Any]:
         values = asdict(self)
@@ -180,6 +181,8 @@ class History:
     usage: list[np.ndarray] = field(default_factory=list)  # per round: mean u_c(e), [L, E]
     # per round: client group -> (sum of its successful clients' u_c(e) [L, E], clients)
     group_usage: list[dict[str, tuple[np.ndarray, int]]] = field(default_factory=list)
+    # causal_lm: evaluated round -> rows of (prompt, reference, generated, exact_match)
+    generations: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
 
     def final_accuracy(self) -> float | None:
         evaluated = [r.accuracy for r in self.rounds if r.accuracy is not None]
@@ -212,6 +215,7 @@ class History:
                 group: {"sum": total.tolist(), "clients": count}
                 for group, (total, count) in self.group_usage[-1].items()
             },
+            "generations": self.generations.get(metrics.round, []),
         }
 
     @classmethod
@@ -227,6 +231,8 @@ class History:
             history.group_usage.append(
                 {g: (np.asarray(v["sum"]), v["clients"]) for g, v in groups.items()}
             )
+            if record.get("generations"):  # absent from runs of older versions
+                history.generations[record["round"]] = record["generations"]
         return history
 
     def usage_by_group(self) -> dict[str, np.ndarray]:

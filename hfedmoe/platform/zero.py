@@ -93,7 +93,9 @@ class DeepSpeedTrainer(LocalTrainer):
             self._calibrate(tuple(batch["input_ids"].shape), batch)
         train_experts = self.strategy.trains == "all"
         with torch.random.fork_rng():  # building seeds torch; keep the dropout stream intact
-            work = build_adapter(self.cfg.model, self.adapter.num_labels, self.cfg.seed)
+            work = build_adapter(
+                self.cfg.model, self.adapter.num_labels, self.cfg.seed, self.task.head
+            )
         work.load_state(self.adapter.state())
         work.model.to(self.device)
         trainable = set(work.shared_names + work.gate_names)
@@ -117,9 +119,12 @@ class DeepSpeedTrainer(LocalTrainer):
             engine.train()
             for batch in batches:
                 logits, routing = work.forward(
-                    batch["input_ids"], batch["attention_mask"], capture_routing=True
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    capture_routing=True,
+                    positions=self.task.positions(batch),
                 )
-                loss = F.cross_entropy(logits, batch["labels"])
+                loss = self.task.loss(logits, batch)
                 engine.backward(loss)
                 engine.step()
                 self._count(tally, batch, loss, routing, active, tuple(batch["input_ids"].shape))
@@ -134,4 +139,8 @@ class DeepSpeedTrainer(LocalTrainer):
         """FLOPs come from the process's own adapter, as with the torch engine."""
         if not self.flops.known(shape):
             with self.adapter.training(stop_gradient=self.stop_gradient) as leaves:
-                self.flops.calibrate(shape, lambda: self._throwaway_step(batch, leaves))
+                self.flops.calibrate(
+                    shape,
+                    lambda: self._throwaway_step(batch, leaves),
+                    self.task.predictions(batch),
+                )

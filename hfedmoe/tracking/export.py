@@ -20,6 +20,7 @@ from hfedmoe.platform.records import History, RoundMetrics
 from hfedmoe.tracking.mlflow_run import (
     create_run,
     default_tracking_uri,
+    log_generations,
     log_params,
     round_values,
     summarise,
@@ -64,6 +65,8 @@ def export_run(run_dir: Path, uri: str | None = None) -> str:
     ]
     for start in range(0, len(metrics), _METRIC_LIMIT):
         client.log_batch(run_id, metrics=metrics[start : start + _METRIC_LIMIT])
+    for round_index, rows in sorted(history.generations.items()):
+        log_generations(client, run_id, round_index, rows)
     artifacts = run_dir / "artifacts"
     finished = (artifacts / "rounds.json").is_file() or len(history.rounds) == cfg.federation.rounds
     if finished:

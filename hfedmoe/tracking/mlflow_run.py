@@ -1,8 +1,10 @@
 """MLflow tracking of a federation: params, per-round metrics, artifacts.
 
 One federation is one MLflow run: the flattened config as params, every round's metrics
-with step = round, and at the end the resolved config, the learning curves, the expert
-usage heatmap, the selected-experts-vs-budget plot and the history as JSON. A sweep's
+with step = round (causal_lm adds perplexity and, per evaluation, a table of generated
+answers: ``generations/round-NNNN.json``), and at the end the resolved config, the
+learning curves, the expert usage heatmap, the selected-experts-vs-budget plot and the
+history as JSON. A sweep's
 trials are child runs of the sweep's parent run (tag ``mlflow.parentRunId``).
 
 The default store is a sqlite file beside the run directory (``runs/mlflow.db`` for the
@@ -186,9 +188,11 @@ class MLflowTracking(Callback):
 
     def after_round(self, run: Run, metrics: RoundMetrics) -> bool:
         stamp = int(time.time() * 1000)
-        self.pending.append(
-            {"step": metrics.round, "timestamp": stamp, "metrics": round_values(metrics)}
-        )
+        record = {"step": metrics.round, "timestamp": stamp, "metrics": round_values(metrics)}
+        generations = run.history.generations.get(metrics.round)
+        if generations:
+            record["generations"] = generations
+        self.pending.append(record)
         self._send(run)
         return False
 
@@ -227,6 +231,8 @@ class MLflowTracking(Callback):
                     for key, value in record["metrics"].items()
                 ]
                 self.client.log_batch(self.run_id, metrics=values)
+                if "generations" in record:
+                    log_generations(self.client, self.run_id, record["step"], record["generations"])
                 self.pending.pop(0)
         except (MlflowException, OSError) as err:
             if self.answering:
@@ -268,6 +274,19 @@ class MLflowTracking(Callback):
         values = [Metric(k, float(v), stamp, 0) for k, v in summary.items() if v is not None]
         self.client.log_batch(self.run_id, metrics=values)
         self.client.log_artifacts(self.run_id, str(artifacts))
+
+
+def generations_file(round_index: int) -> str:
+    return f"generations/round-{round_index:04d}.json"
+
+
+def log_generations(
+    client: MlflowClient, run_id: str, round_index: int, rows: list[dict[str, Any]]
+) -> None:
+    """An evaluation's generated answers as an MLflow table (prompt, reference, generated,
+    exact match), one artifact per evaluated round."""
+    columns = {key: [row[key] for row in rows] for key in rows[0]}
+    client.log_table(run_id, data=columns, artifact_file=generations_file(round_index))
 
 
 def run_extras(run: Run) -> dict[str, Any]:

@@ -12,21 +12,22 @@ from hfedmoe.platform.records import History
 
 def learning_curves(history: History, path: Path) -> Path:
     """Test accuracy and loss against round and against simulated time."""
-    evaluated = [r for r in history.rounds if r.accuracy is not None]
-    rounds = [r.round + 1 for r in evaluated]
+    evaluated = [r for r in history.rounds if r.test_loss is not None]
+    # causal_lm with free-form answers evaluates loss and perplexity but no accuracy
+    scored = [r for r in evaluated if r.accuracy is not None]
     fig = Figure(figsize=(13, 3.6))
     axes = fig.subplots(1, 3)
-    axes[0].plot(rounds, [r.accuracy for r in evaluated], marker="o")
+    axes[0].plot([r.round + 1 for r in scored], [r.accuracy for r in scored], marker="o")
     axes[0].set(xlabel="round", ylabel="test accuracy", ylim=(0, 1))
-    axes[1].plot(rounds, [r.test_loss for r in evaluated], marker="o", label="test")
+    axes[1].plot(
+        [r.round + 1 for r in evaluated], [r.test_loss for r in evaluated], marker="o", label="test"
+    )
     axes[1].plot(
         [r.round + 1 for r in history.rounds], [r.train_loss for r in history.rounds], label="train"
     )
     axes[1].set(xlabel="round", ylabel="loss")
     axes[1].legend()
-    axes[2].plot(
-        [r.simulated_seconds for r in evaluated], [r.accuracy for r in evaluated], marker="o"
-    )
+    axes[2].plot([r.simulated_seconds for r in scored], [r.accuracy for r in scored], marker="o")
     axes[2].set(xlabel="simulated time (s)", ylabel="test accuracy", ylim=(0, 1))
     for ax in axes:
         ax.grid(alpha=0.3)

@@ -254,6 +254,7 @@ class _Footprints:
         key = json.dumps(
             [
                 cfg.model.model_dump(mode="json"),
+                cfg.task.model_dump(mode="json"),  # a causal LM's head and loss differ
                 cfg.data.max_length,
                 cfg.federation.batch_size,
                 cfg.seed,

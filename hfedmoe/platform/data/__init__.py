@@ -1,1 +1,1 @@
-"""Data: corpora and splits, client partitions, tokenisation and batching."""
+"""Data: corpora and splits, instruction pairs, client partitions, tokenisation, batching."""

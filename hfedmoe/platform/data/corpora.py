@@ -152,7 +152,7 @@ def load_hub_ag_news() -> TextCorpus:
             f"the official {' and '.join(AG_NEWS_FILES)} "
             "(e.g. --set data.path=../shared/data/ag_news)"
         ) from None
-    corpus = _corpus_from_dataset(dataset, ["text"], "label", "ag_news")
+    corpus = corpus_from_dataset(dataset, ["text"], "label", "ag_news")
     texts = [clean_ag_news_text(text) for text in corpus.texts]
     return TextCorpus(corpus.name, texts, corpus.labels, corpus.label_names)
 
@@ -195,9 +195,10 @@ def _encode_labels(feature: Any, values: list[Any], field: str) -> tuple[np.ndar
     return labels.astype(np.int64), [str(name) for name in names]
 
 
-def _corpus_from_dataset(
+def corpus_from_dataset(
     dataset: Dataset, text_fields: list[str], label_field: str, name: str
 ) -> TextCorpus:
+    """The `text_fields` (joined with ". ") and `label_field` of a loaded dataset."""
     missing = [f for f in [*text_fields, label_field] if f not in dataset.column_names]
     if missing:
         raise ValueError(
@@ -215,25 +216,31 @@ def _corpus_from_dataset(
     return TextCorpus(name, texts, labels, label_names)
 
 
-def load_hf_dataset(
-    name_or_path: str, split: str, text_fields: list[str], label_field: str
-) -> TextCorpus:
-    """A Hugging Face dataset by hub name, or local csv/json/parquet files.
+def load_dataset_split(name_or_path: str, split: str) -> Dataset:
+    """A Hugging Face dataset split by hub name, or local csv/json/parquet files.
 
     An existing file, or a directory of files of one kind, is read with the matching
     `datasets` builder; local files form the split "train" (slices like "train[:10%]" work).
-    Texts are the `text_fields` joined with ". ". String and int labels become ids in sorted
-    order of their values; ClassLabel columns keep their own ids and names.
     """
     from datasets import load_dataset
 
     path = Path(name_or_path)
     if path.exists():
         builder, files = _local_data_files(path)
-        dataset = load_dataset(builder, data_files=files, split=split)
-    else:
-        dataset = load_dataset(name_or_path, split=split)
-    return _corpus_from_dataset(dataset, text_fields, label_field, name_or_path)
+        return load_dataset(builder, data_files=files, split=split)
+    return load_dataset(name_or_path, split=split)
+
+
+def load_hf_dataset(
+    name_or_path: str, split: str, text_fields: list[str], label_field: str
+) -> TextCorpus:
+    """A Hugging Face dataset or local files (see `load_dataset_split`) as a corpus.
+
+    Texts are the `text_fields` joined with ". ". String and int labels become ids in sorted
+    order of their values; ClassLabel columns keep their own ids and names.
+    """
+    dataset = load_dataset_split(name_or_path, split)
+    return corpus_from_dataset(dataset, text_fields, label_field, name_or_path)
 
 
 def load_corpus(

@@ -1,4 +1,5 @@
-"""One interface over MoE classifiers: routing capture, expert access, masked training.
+"""One interface over MoE classifiers and causal LMs: routing capture, expert access,
+masked training.
 
 A model family plugs in by describing its MoE layers as ``MoELayer`` records (where the
 router is, how to read its output, where each expert's tensors live). Everything else,
@@ -19,6 +20,7 @@ from torch import nn
 
 from hfedmoe.platform.budgets.cost import ModelFootprint
 from hfedmoe.platform.models.experts import BackwardPlan, NF4Weight
+from hfedmoe.platform.models.heads import CausalLM
 from hfedmoe.platform.records import BatchRouting, ModelState
 
 # Reads a router module's forward output: (router logits [..., E], the top-k expert ids the
@@ -154,7 +156,8 @@ class TrainableTensors:
 
 
 class MoEAdapter:
-    """A sequence classifier ``model(input_ids, attention_mask) -> logits`` plus its MoE map."""
+    """A model ``model(input_ids, attention_mask) -> logits`` plus its MoE map: a sequence
+    classifier (logits [B, C]) or a causal LM (logits [B, T, V], the task decides)."""
 
     def __init__(
         self,
@@ -218,14 +221,26 @@ class MoEAdapter:
         return hook
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, capture_routing: bool = False
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        capture_routing: bool = False,
+        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, BatchRouting | None]:
-        """Logits [B, C] and, on request, this batch's routing reduced to samples."""
+        """Logits and, on request, this batch's routing reduced to samples (every
+        non-padding token counts, see ``reduce_routing``).
+
+        Classifiers: [B, C]. Causal LMs: [B, T, V], or [N, V] at the N ``positions``
+        ([B, T] bool) where the task needs predictions (see ``heads.CausalLM``).
+        """
+        inputs = (input_ids, attention_mask) if positions is None else (
+            input_ids, attention_mask, positions
+        )  # fmt: skip
         if not capture_routing:
-            return self.model(input_ids, attention_mask), None
+            return self.model(*inputs), None
         self._capture = []
         try:
-            logits = self.model(input_ids, attention_mask)
+            logits = self.model(*inputs)
             captured = self._capture
         finally:
             self._capture = None
@@ -313,6 +328,19 @@ class MoEAdapter:
             )
         return sum(t.numel() for t in tensors.values() if t.dim() >= 2)
 
+    def lm_head_params(self) -> int:
+        """Elements of a causal LM's output projection (V x d), 0 for classifiers."""
+        if not isinstance(self.model, CausalLM):
+            return 0
+        return self.model.model.get_output_embeddings().weight.numel()
+
+    def lm_head_trains(self) -> bool:
+        """Whether clients train a causal LM's head (whole experts: yes unless model.freeze
+        names it or it is tied to frozen embeddings; LoRA: never)."""
+        head = self.model.model.get_output_embeddings().weight
+        trained = dict(self.model.named_parameters())
+        return any(trained[n] is head for n in self.shared_names)
+
     def adapter_params_per_expert(self) -> int:
         """Elements of one expert's LoRA adapters (0 when whole experts train)."""
         return self.params_per_expert() if self.lora else 0
@@ -348,10 +376,17 @@ class MoEAdapter:
         )
 
     def measure_activation_bytes(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        positions: torch.Tensor | None = None,
     ) -> int:
         """Bytes autograd saves for backward in one training forward with everything trained.
 
+        ``loss`` (logits -> scalar) is part of that forward where its saved tensors matter:
+        a causal LM's cross-entropy keeps the log-softmax of its [N, V] logits (at the N
+        ``positions`` the loss predicts from).
         Counted with saved-tensor hooks, each storage once (views share storage).
         """
         seen: dict[int, int] = {}
@@ -363,7 +398,9 @@ class MoEAdapter:
 
         with self.training(stop_gradient=False):
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                logits, _ = self.forward(input_ids, attention_mask)
+                logits, _ = self.forward(input_ids, attention_mask, positions=positions)
+                if loss is not None:
+                    logits = loss(logits)
             del logits
         params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
         return int(sum(b for ptr, b in seen.items() if ptr not in params))
@@ -402,7 +439,8 @@ def reduce_routing(
     )
 
 
-# Non-expert parameters that train in LoRA mode besides adapters: the new task head.
+# Non-expert parameters that train in LoRA mode besides adapters: the new classifier head.
+# A causal LM's own head (lm_head, V x d) is the checkpoint's and stays frozen, as in QLoRA.
 HEAD_PATTERNS = ("classifier.", "score.")
 
 

@@ -58,3 +58,29 @@ class SequenceClassifier(nn.Module):
         if self.hashed_vocab is not None:
             input_ids = hash_token_ids(input_ids, self.hashed_vocab)
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+class CausalLM(nn.Module):
+    """A Hugging Face ``*ForCausalLM`` model (its own LM head) returning logits.
+
+    ``positions`` [B, T] bool: the LM head runs only on the hidden states there and the
+    logits are [N, V] for those N positions, row-major (what transformers'
+    ``logits_to_keep`` does for the last positions; a fine-tuning loss needs only the
+    positions that predict a response token, a small share of [B, T] for short answers).
+    Without it, logits are [B, T, V].
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if positions is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask)
+        return self.model.get_output_embeddings()(hidden.last_hidden_state[positions])

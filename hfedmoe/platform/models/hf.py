@@ -14,14 +14,19 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     DeepseekV2Config,
+    DeepseekV2ForCausalLM,
     DeepseekV2ForSequenceClassification,
     MixtralConfig,
+    MixtralForCausalLM,
     MixtralForSequenceClassification,
     OlmoeConfig,
+    OlmoeForCausalLM,
     OlmoeModel,
     Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
     Qwen3MoeForSequenceClassification,
     SwitchTransformersConfig,
     SwitchTransformersEncoderModel,
@@ -33,6 +38,7 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
 )
 
 from hfedmoe.platform.config import ModelConfig
+from hfedmoe.platform.errors import ConfigError
 from hfedmoe.platform.models.adapter import (
     FusedExperts,
     ModuleExperts,
@@ -41,7 +47,7 @@ from hfedmoe.platform.models.adapter import (
     read_topk_router,
 )
 from hfedmoe.platform.models.experts import StackedExperts, grouped_experts, routed_experts
-from hfedmoe.platform.models.heads import PooledClassifier, SequenceClassifier
+from hfedmoe.platform.models.heads import CausalLM, PooledClassifier, SequenceClassifier
 from hfedmoe.platform.models.lora import apply_lora, expert_lora, trained_leaves
 
 EXPERTS_IMPLEMENTATION = "hfedmoe"
@@ -151,11 +157,24 @@ def _find_layers(model: nn.Module) -> list[MoELayer]:
     return _switch_layers(model) or _fused_layers(model)
 
 
-def tiny_model(kind: str, cfg, vocab_size: int, pad_token_id: int, num_labels: int) -> nn.Module:
-    """A small random-init classifier of one HF MoE family, built from a config.
+# The decoder families' own causal-LM models (head "lm"): their LM head over the vocabulary.
+CAUSAL_LM = {
+    "qwen3_moe": Qwen3MoeForCausalLM,
+    "mixtral": MixtralForCausalLM,
+    "olmoe": OlmoeForCausalLM,
+    "deepseek_v2": DeepseekV2ForCausalLM,
+}
 
-    With ``cfg.vocab_size`` below the tokenizer's, token ids are hashed into that many
-    embeddings, for models of a few thousand parameters (platform-overhead benchmarks).
+
+def tiny_model(
+    kind: str, cfg, vocab_size: int, pad_token_id: int, num_labels: int, head: str = "classifier"
+) -> nn.Module:
+    """A small random-init model of one HF MoE family, built from a config.
+
+    ``head`` "classifier": a classifier over ``num_labels``; "lm": the family's own
+    ``*ForCausalLM`` (its LM head over the full vocabulary). With ``cfg.vocab_size`` below
+    the tokenizer's, a classifier's token ids are hashed into that many embeddings, for
+    models of a few thousand parameters (platform-overhead benchmarks).
     """
     hashed = cfg.vocab_size if cfg.vocab_size and cfg.vocab_size < vocab_size else None
     vocab_size = hashed or vocab_size
@@ -170,6 +189,9 @@ def tiny_model(kind: str, cfg, vocab_size: int, pad_token_id: int, num_labels: i
         num_experts_per_tok=cfg.top_k,
         num_labels=num_labels,
     )
+    if head == "lm" and kind not in CAUSAL_LM:
+        raise ValueError(f"model.kind {kind!r} has no causal-LM head")
+    wrap = CausalLM if head == "lm" else None
     if kind == "qwen3_moe":
         config = Qwen3MoeConfig(
             **common,
@@ -179,16 +201,22 @@ def tiny_model(kind: str, cfg, vocab_size: int, pad_token_id: int, num_labels: i
             decoder_sparse_step=1,
             norm_topk_prob=True,
         )
+        if wrap:
+            return CausalLM(Qwen3MoeForCausalLM(config))
         return SequenceClassifier(Qwen3MoeForSequenceClassification(config), hashed)
     if kind == "mixtral":
         config = MixtralConfig(
             **common, num_local_experts=cfg.num_experts, intermediate_size=cfg.intermediate_size
         )
+        if wrap:
+            return CausalLM(MixtralForCausalLM(config))
         return SequenceClassifier(MixtralForSequenceClassification(config), hashed)
     if kind == "olmoe":
         config = OlmoeConfig(
             **common, num_experts=cfg.num_experts, intermediate_size=cfg.intermediate_size
         )
+        if wrap:
+            return CausalLM(OlmoeForCausalLM(config))
         return PooledClassifier(
             OlmoeModel(config), cfg.hidden_size, num_labels, hashed_vocab=hashed
         )
@@ -211,6 +239,8 @@ def tiny_model(kind: str, cfg, vocab_size: int, pad_token_id: int, num_labels: i
             v_head_dim=head_dim,
             head_dim=head_dim,
         )
+        if wrap:
+            return CausalLM(DeepseekV2ForCausalLM(config))
         return SequenceClassifier(DeepseekV2ForSequenceClassification(config), hashed)
     if kind == "switch_transformers":
         config = SwitchTransformersConfig(
@@ -232,13 +262,25 @@ def tiny_model(kind: str, cfg, vocab_size: int, pad_token_id: int, num_labels: i
     raise ValueError(f"model.kind {kind!r} is not a tiny HF MoE family")
 
 
-def pretrained_model(path: str, num_labels: int, trust_remote_code: bool = False) -> nn.Module:
-    """An MoE checkpoint from the hub or a local directory, with a classification head.
+def pretrained_model(
+    path: str, num_labels: int, trust_remote_code: bool = False, head: str = "classifier"
+) -> nn.Module:
+    """An MoE checkpoint from the hub or a local directory, with a classification head
+    (``head`` "classifier") or its own causal-LM head ("lm").
 
     Code shipped with the checkpoint runs only if ``trust_remote_code`` (model config).
     """
     trust = {"trust_remote_code": trust_remote_code}
     config = AutoConfig.from_pretrained(path, **trust)
+    if head == "lm":
+        try:
+            return CausalLM(AutoModelForCausalLM.from_pretrained(path, **trust))
+        except ValueError as err:
+            raise ConfigError(
+                f"model.path {path}: a {config.model_type} checkpoint has no causal-LM head, "
+                "which task.name=causal_lm needs; use a decoder checkpoint or task "
+                f"classification ({err})"
+            ) from None
     if config.model_type == "switch_transformers":
         backbone = SwitchTransformersEncoderModel.from_pretrained(path)
         return PooledClassifier(backbone, config.d_model, num_labels)
@@ -257,7 +299,7 @@ def hf_adapter(
     model: nn.Module, tokenizer, family: str, num_labels: int, cfg: ModelConfig
 ) -> MoEAdapter:
     """Wrap a classifier built above, switching fused experts to the routed kernel."""
-    inner = model.model if isinstance(model, SequenceClassifier) else model.backbone
+    inner = model.model if isinstance(model, SequenceClassifier | CausalLM) else model.backbone
     if hasattr(inner, "set_experts_implementation") and inner._can_set_experts_implementation():
         inner.set_experts_implementation(EXPERTS_IMPLEMENTATION)
     layers = _find_layers(model)
