@@ -42,6 +42,7 @@ from safetensors.numpy import load_file, save_file
 
 from hfedmoe.platform.config import ExperimentConfig, load_config
 from hfedmoe.platform.errors import ConfigError
+from hfedmoe.platform.plugins import load_recorded_plugins
 from hfedmoe.platform.records import History, ModelState, ServerState, Variates
 
 log = logging.getLogger(__name__)
@@ -80,10 +81,12 @@ def new_run_dir(cfg: ExperimentConfig, run_dir: Path | None = None) -> Path:
 
 
 def run_config(run_dir: Path) -> ExperimentConfig:
-    """The config a run directory was started with (what --resume continues)."""
+    """The config a run directory was started with (what --resume continues), after
+    importing the plugins it recorded (their classes are names in that config)."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"--resume {run_dir}: no config.yaml; is this a run directory?")
+    load_recorded_plugins(run_dir)
     return load_config(path)
 
 
