@@ -373,7 +373,7 @@ def write_plugin(tmp_path: Path) -> Path:
     return path
 
 
-def _forget(module_path: Path) -> None:
+def forget_plugin(module_path: Path) -> None:
     """What a fresh process lacks: the plugin's classes and module."""
     for registry in REGISTRIES.values():
         for name in [n for n in registry if n.startswith("plugin_")]:
@@ -394,7 +394,7 @@ def test_a_plugin_file_registers_its_classes_and_a_resume_imports_it_again(tmp_p
     config = tmp_path / "plugin.yaml"
     config.write_text(yaml.safe_dump({**raw, "faults": {"driver_crash": 0}}))
     run_dir = tmp_path / "run"
-    _forget(plugin)
+    forget_plugin(plugin)
     try:
         # Without --plugin the names are unknown; with it they are classes.
         assert main(["run", str(config), "--in-process", "--no-progress"]) == 2
@@ -402,14 +402,14 @@ def test_a_plugin_file_registers_its_classes_and_a_resume_imports_it_again(tmp_p
         command = ["run", str(config), "--plugin", str(plugin), "--in-process", "--no-progress"]
         with pytest.raises(InjectedFault):
             main([*command, "--run-dir", str(run_dir)])
-        _forget(plugin)
+        forget_plugin(plugin)
         assert main(["run", "--resume", str(run_dir), "--in-process", "--no-progress"]) == 0
         resumed = launch(resume=run_dir, in_process=True, progress=False)  # all rounds done
         whole = run_in_process(parse_config(raw))
         assert _same_state(whole.state, resumed.state)
         assert whole.history.rounds[-1].experts_updated > 0
     finally:
-        _forget(plugin)
+        forget_plugin(plugin)
 
 
 @pytest.mark.parametrize(
