@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--fedavgm", action="store_true")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--seed", type=int, help="run only this seed (two processes, two cores)")
+    parser.add_argument("--only", nargs="+", help="run only these labels (the table: all saved)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/b12"))
     args = parser.parse_args()
     args.data, args.traces = args.data.resolve(), args.traces.resolve()
@@ -58,10 +59,12 @@ def main() -> None:
     seeds = [args.seed] if args.seed is not None else range(args.seeds)
     for seed in seeds:  # seed by seed: an interrupted run has equal seeds
         for label, server_update in chosen.items():
+            path = args.out / f"ag_news-{label}-s{seed}.json"
+            if args.only and label not in args.only and not path.is_file():
+                continue
             raw = b8_config("ag_news", "hfedmoe", seed, args)
             raw["name"] = f"b12-{label}-s{seed}"
             raw["federation"]["server_update"] = server_update
-            path = args.out / f"ag_news-{label}-s{seed}.json"
             labels = {"dataset": "ag_news", "strategy": label, "seed": seed}
             record = run_saved(path, raw, TARGET["ag_news"], labels)
             print(f"{label} seed {seed}: {record['summary']}", flush=True)

@@ -53,8 +53,8 @@ class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ClientUpdate:
-    """How a client's local steps are corrected; the default trains plainly."""
+class Part:
+    """An optimisation part: a registered name, its validated params, its server state."""
 
     name: ClassVar[str]
     Params: ClassVar[type[BaseModel]] = NoParams
@@ -63,8 +63,12 @@ class ClientUpdate:
         self.params = params
 
     def initial_server_state(self, state: ModelState) -> ServerState:
-        """Server-side arrays this part keeps (flat names), before the first round."""
+        """Server-side arrays this part keeps ("<name>/..." keys), before the first round."""
         return {}
+
+
+class ClientUpdate(Part):
+    """How a client's local steps are corrected; the default trains plainly."""
 
     def client_view(self, server: ServerState) -> ServerState:
         """The server arrays a client needs for its round (they travel with its job)."""
@@ -85,17 +89,8 @@ class ClientUpdate:
         """Fold the round's summed per-client changes into the server state (in place)."""
 
 
-class ServerUpdate:
+class ServerUpdate(Part):
     """How the aggregate becomes the next global model; the default (FedAvg) keeps it."""
-
-    name: ClassVar[str]
-    Params: ClassVar[type[BaseModel]] = NoParams
-
-    def __init__(self, params: BaseModel) -> None:
-        self.params = params
-
-    def initial_server_state(self, state: ModelState) -> ServerState:
-        return {}
 
     def update(
         self, previous: ModelState, aggregate: ModelState, updated: Updated, server: ServerState
