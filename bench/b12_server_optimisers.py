@@ -5,7 +5,10 @@ B8's AG News setting, unchanged (its config builder, imported): the partitioned 
 headroom` at memory scale 0.005; 30 rounds, 5 clients a round, 2 local steps, lr 3e-4.
 The strategy is `hfedmoe` throughout; only `federation.server_update` changes:
 
-* fedavg: the aggregate is the next model (B8's hfedmoe run, which it must equal);
+* fedavg: the aggregate is the next model, B8's hfedmoe run; ``--fedavg-from DIR`` takes
+  B8's saved record for it after checking that its config is this one but for the name
+  (the FedAvg path adds nothing to a run, so a rerun should repeat B8 bit for bit; this
+  saves two runs on a busy machine);
 * fedadam at each server lr of ``--fedadam-lrs`` (Reddi et al. 2021 defaults otherwise:
   beta1 0.9, beta2 0.99, tau 1e-3); every lr tried is reported;
 * fedavgm (lr 1, momentum 0.9) with ``--fedavgm``.
@@ -40,6 +43,17 @@ def variants(args: argparse.Namespace) -> dict[str, dict | str]:
     return chosen
 
 
+def reuse_b8(b8_path: Path, raw: dict, path: Path, label: str) -> None:
+    """Save B8's hfedmoe record as this FedAvg run, if its config is this one."""
+    record = json.loads(b8_path.read_text())
+    mine = json.loads(json.dumps(raw))  # the same JSON types as the saved record's
+    mine["federation"].pop("server_update")
+    theirs = {**record["config"], "name": mine["name"]}
+    if theirs != mine:
+        raise SystemExit(f"{b8_path}: its config is not B12's FedAvg config; rerun without it")
+    path.write_text(json.dumps({**record, "strategy": label, "reused_from": str(b8_path)}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     regime_arguments(parser)
@@ -48,6 +62,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--seed", type=int, help="run only this seed (two processes, two cores)")
     parser.add_argument("--only", nargs="+", help="run only these labels (the table: all saved)")
+    parser.add_argument("--fedavg-from", type=Path, help="B8's results directory (see above)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/b12"))
     args = parser.parse_args()
     args.data, args.traces = args.data.resolve(), args.traces.resolve()
@@ -65,6 +80,8 @@ def main() -> None:
             raw = b8_config("ag_news", "hfedmoe", seed, args)
             raw["name"] = f"b12-{label}-s{seed}"
             raw["federation"]["server_update"] = server_update
+            if label == "hfedmoe+fedavg" and args.fedavg_from and not path.is_file():
+                reuse_b8(args.fedavg_from / f"ag_news-hfedmoe-s{seed}.json", raw, path, label)
             labels = {"dataset": "ag_news", "strategy": label, "seed": seed}
             record = run_saved(path, raw, TARGET["ag_news"], labels)
             print(f"{label} seed {seed}: {record['summary']}", flush=True)
