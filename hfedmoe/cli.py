@@ -28,6 +28,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace) -> int:
     from hfedmoe.launch import launch
     from hfedmoe.platform.config import load_config
+    from hfedmoe.platform.plugins import load_plugins
 
     if args.resume is None and args.config is None:
         raise ConfigError("give a CONFIG file, or --resume RUN_DIR to continue a run")
@@ -36,6 +37,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             "--resume RUN_DIR continues with the config saved in RUN_DIR; drop CONFIG, "
             "--set and --run-dir (start a new run to change them)"
         )
+    plugins = load_plugins(args.plugin)  # before the config names their classes
     cfg = None if args.resume else load_config(args.config, parse_overrides(args.set))
     result = launch(
         cfg,
@@ -43,6 +45,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         resume=args.resume,
         in_process=args.in_process,
         progress=not args.no_progress,
+        plugins=plugins,
     )
     _print_summary(result)
     return 0
@@ -51,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from hfedmoe.tuning.sweep import run_sweep
 
-    result = run_sweep(args.sweep, progress=not args.no_progress)
+    result = run_sweep(args.sweep, progress=not args.no_progress, plugins=args.plugin)
     print(f"sweep directory {result.sweep_dir}; MLflow parent run {result.parent_run_id}")
     failed = sum(1 for r in result.rows if r["status"] != "OK")
     return 1 if failed == len(result.rows) else 0
@@ -96,6 +99,17 @@ def _print_summary(run) -> None:
         print(f"MLflow run {run_id}: hfedmoe ui --store {run_dir.parent / 'mlflow.db'}")
 
 
+def _plugin_argument(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import a dotted module or a .py file first, so its @register'ed strategies "
+        "and client/server updates are valid config names (repeatable)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hfedmoe", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -109,11 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", type=Path, help="where to write (default: output_dir/NAME-TIME)")
     run.add_argument("--in-process", action="store_true", help="in-process executor, no Ray")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _plugin_argument(run)
     run.set_defaults(handler=cmd_run)
 
     sweep = commands.add_parser("sweep", help="a Ray Tune sweep; each trial is a federation")
     sweep.add_argument("sweep", help="sweep YAML (e.g. configs/sweep_smoke.yaml)")
     sweep.add_argument("--no-progress", action="store_true", help="quiet Tune output")
+    _plugin_argument(sweep)
     sweep.set_defaults(handler=cmd_sweep)
 
     ui = commands.add_parser("ui", help="serve an MLflow store on 127.0.0.1")

@@ -17,6 +17,7 @@ from hfedmoe.platform.checkpoint import new_run_dir, run_config
 from hfedmoe.platform.config import ExperimentConfig, check_paths
 from hfedmoe.platform.engine import Callback, Executor, Run, run
 from hfedmoe.platform.executors import InProcessExecutor
+from hfedmoe.platform.plugins import record_plugins
 
 
 def launch(
@@ -28,8 +29,13 @@ def launch(
     parent_run_id: str | None = None,
     callbacks: Sequence[Callback] = (),
     placement: tuple[str, float, float] | None = None,
+    plugins: Sequence[str] = (),
 ) -> Run:
-    """Run ``cfg`` in a new run directory, or continue the run in ``resume``."""
+    """Run ``cfg`` in a new run directory, or continue the run in ``resume``.
+
+    ``plugins`` (already imported, ``plugins.load_plugins``) are recorded in a new run
+    directory; a resumed run imports the ones its directory recorded.
+    """
     if resume is not None:
         run_dir = Path(resume).resolve()
         cfg = run_config(run_dir)
@@ -43,6 +49,7 @@ def launch(
         standard.append(MLflowTracking(parent_run_id))
     if resume is None:
         run_dir = new_run_dir(cfg, run_dir)
+        record_plugins(run_dir, list(plugins))
     executor: Executor
     if in_process:
         executor = InProcessExecutor()

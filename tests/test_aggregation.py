@@ -323,7 +323,7 @@ def _run(expert_rule, gate_rule, normalise=True, clients=(A, B), previous=None):
     agg = _aggregator(previous, expert_rule, gate_rule, normalise)
     for client in clients:
         assert agg.offer(*_update(**client)) is None
-    return previous, *agg.finalize()
+    return previous, *agg.finalize()[:2]
 
 
 def _row(value):
@@ -470,7 +470,7 @@ def _aggregate(previous, updates, expert_rule, gate_rule, normalise):
     agg = _aggregator(previous, expert_rule, gate_rule, normalise)
     for report, upload in updates:
         agg.offer(copy.copy(report), upload)
-    return agg.finalize()
+    return agg.finalize()[:2]
 
 
 @pytest.mark.parametrize("normalise", [True, False])
@@ -691,7 +691,7 @@ def _lora_round(previous, updates, mode):
     agg = RoundAggregator(previous, strategy, TAU, deadline_s=None, lora_aggregate=mode)
     for report, upload in updates:
         assert agg.offer(report, upload) is None
-    return agg.finalize()
+    return agg.finalize()[:2]
 
 
 # The hand case: rank 1, 2x2 adapters, E = 3, tau = 0.1.

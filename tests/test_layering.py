@@ -109,19 +109,55 @@ def test_leaf_modules_import_nothing_of_hfedmoe():
     assert {leaf: GRAPH[leaf] for leaf in LEAVES} == {leaf: set() for leaf in LEAVES}
 
 
-def test_no_import_cycles():
-    """Tarjan's strongly connected components over the module graph: all of size one."""
+def module_level_imports(path: Path) -> set[str]:
+    """Modules a file imports when it is imported (top-level statements only)."""
+    found: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found
+
+
+def every_import(path: Path) -> set[str]:
+    """Modules a file names in any import, type-checking ones included."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.update({node.module, *(f"{node.module}.{a.name}" for a in node.names)})
+    return found
+
+
+STRATEGIES = "hfedmoe.platform.strategies"
+
+
+def test_config_validates_names_without_importing_the_strategies_at_module_level():
+    config = MODULES["hfedmoe.platform.config"]
+    assert not {m for m in module_level_imports(config) if m.startswith(STRATEGIES)}
+    assert STRATEGIES in GRAPH["hfedmoe.platform.config"]  # inside its validators
+
+
+def test_aggregation_never_names_the_strategies():
+    imported = every_import(MODULES["hfedmoe.platform.aggregation"])
+    assert not {m for m in imported if m.startswith(STRATEGIES)}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Tarjan's strongly connected components of more than one module (or a self-loop)."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
     on_stack: set[str] = set()
-    cycles: list[list[str]] = []
+    found: list[list[str]] = []
 
     def connect(v: str) -> None:
         index[v] = low[v] = len(index)
         stack.append(v)
         on_stack.add(v)
-        for w in GRAPH[v]:
+        for w in graph[v]:
             if w not in index:
                 connect(w)
                 low[v] = min(low[v], low[w])
@@ -135,10 +171,21 @@ def test_no_import_cycles():
                 component.append(w)
                 if w == v:
                     break
-            if len(component) > 1 or v in GRAPH[v]:
-                cycles.append(sorted(component))
+            if len(component) > 1 or v in graph[v]:
+                found.append(sorted(component))
 
-    for v in sorted(GRAPH):
+    for v in sorted(graph):
         if v not in index:
             connect(v)
-    assert cycles == []
+    return found
+
+
+def test_the_cycle_check_finds_cycles():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"a"}}) == [["a"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles():
+    """Function-level imports count: a cycle through one still breaks at import time."""
+    assert cycles(GRAPH) == []

@@ -227,11 +227,14 @@ def test_killed_client_actor_retries_only_its_lost_clients_on_a_replacement(ray_
 
 
 def test_dead_aggregator_is_replaced_and_its_round_rerun(ray_address, tmp_path):
-    cfg = tiny(tmp_path, tracking={"enabled": False}, federation={"rounds": 3})
+    """With hfedmoe + SCAFFOLD + FedAdam: the driver's server state (moments, c) and the
+    clients' variates survive the replacement, and the run equals the in-process one."""
+    composed = {"rounds": 3, "client_update": "scaffold", "server_update": "fedadam"}
+    cfg = tiny(tmp_path, tracking={"enabled": False}, federation=composed)
     crashing = tiny(
         tmp_path,
         tracking={"enabled": False},
-        federation={"rounds": 3},
+        federation=composed,
         faults={"aggregator_crash": [1]},
     )
     executor = RayExecutor()
@@ -239,8 +242,35 @@ def test_dead_aggregator_is_replaced_and_its_round_rerun(ray_address, tmp_path):
     [event] = executor.events
     assert event.kind == "aggregator_died" and event.new_pid != event.old_pid
     assert sorted(event.retried) == sorted(_sampled(cfg, 1))
-    expected_history, expected_state = run_simulation(cfg)
-    assert_same_run(expected_history, expected_state, result.history, result.state)
+    expected = run_in_process(cfg)
+    assert_same_run(expected.history, expected.state, result.history, result.state)
+    assert expected.server_state.keys() == result.server_state.keys()
+    for name, value in expected.server_state.items():
+        np.testing.assert_array_equal(value, result.server_state[name])
+    assert expected.variates.keys() == result.variates.keys()
+    for client, variates in expected.variates.items():
+        for key, value in variates.items():
+            np.testing.assert_array_equal(value, result.variates[client][key])
+
+
+def test_a_plugin_file_runs_on_ray_as_in_process(ray_address, tmp_path):
+    """A --plugin file's strategy and server update travel to the actors by value."""
+    from test_optimisation import forget_plugin, write_plugin
+
+    from hfedmoe.platform.plugins import load_plugins
+
+    plugin = write_plugin(tmp_path)
+    forget_plugin(plugin)
+    try:
+        load_plugins([str(plugin)])
+        federation = {"strategy": "plugin_lowest_first", "server_update": "plugin_half_step"}
+        cfg = binding(tmp_path, federation={**federation, "rounds": 2}, tracking={"enabled": False})
+        expected_history, expected_state = run_simulation(cfg)
+        result = launch(cfg, run_dir=tmp_path / "ray", progress=False)
+        assert_same_run(expected_history, expected_state, result.history, result.state)
+        assert result.history.rounds[-1].experts_updated > 0
+    finally:
+        forget_plugin(plugin)
 
 
 def test_a_run_under_chaos_ends_where_the_fault_free_run_ends(ray_address, tmp_path):

@@ -209,7 +209,7 @@ def test_step_limit_follows_what_a_strategy_trains():
 
 
 def test_unknown_strategy_is_rejected_with_the_choices():
-    with pytest.raises(ValueError, match=r"unknown strategy 'nope'.*hfedmoe"):
+    with pytest.raises(ValueError, match=r"unknown federation.strategy 'nope'.*hfedmoe"):
         make_strategy("nope", HFedMoEConfig())
-    with pytest.raises(ConfigError, match=r"federation.strategy.*unknown strategy 'nope'"):
+    with pytest.raises(ConfigError, match=r"federation.strategy.*unknown .*strategy 'nope'"):
         parse_config({"federation": {"strategy": "nope"}})

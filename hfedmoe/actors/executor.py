@@ -35,8 +35,8 @@ from hfedmoe.platform.config import ConfigError, ExperimentConfig
 from hfedmoe.platform.engine import RoundResult
 from hfedmoe.platform.federation import Federation
 from hfedmoe.platform.models import MoEAdapter
-from hfedmoe.platform.records import ClientReport, ModelState
-from hfedmoe.platform.strategies import STRATEGIES, Strategy
+from hfedmoe.platform.records import ClientReport, ModelState, ServerState, Variates
+from hfedmoe.platform.strategies import build_strategy, strategy_classes
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +163,9 @@ class RayExecutor:
             cfg, fed.budgets.resource_fraction, fed.footprint, device, capacity, memory
         )
         log.info("client pools: %s", plans)
-        self.strategy = portable_strategy(cfg.federation.strategy)
-        self.pools = _start_pools(cfg, fed, plans, device, actor_bytes, self.strategy, self.events)
+        self.classes = portable_classes(cfg)
+        self.strategy = build_strategy(cfg)  # the driver's copy: which state clients get
+        self.pools = _start_pools(cfg, fed, plans, device, actor_bytes, self.classes, self.events)
         self.cleanup.callback(self.pools.shutdown)
         self.aggregator_bundle = _bundle(1 + sum(p.actors for p in plans))
         self._start_aggregator()
@@ -176,7 +177,7 @@ class RayExecutor:
             num_cpus=0, max_restarts=0, **self.aggregator_bundle
         )
         while True:
-            self.aggregator = worker.remote(self.fed.cfg, self.strategy)
+            self.aggregator = worker.remote(self.fed.cfg, self.classes)
             try:
                 self.aggregator_pid = self._from_aggregator(self.aggregator.ready.remote())
                 return
@@ -189,17 +190,27 @@ class RayExecutor:
         except RayActorError as err:
             raise AggregatorDied(str(err)) from err
 
-    def run_round(self, round_index: int, clients: list[int], state: ModelState) -> RoundResult:
+    def run_round(
+        self,
+        round_index: int,
+        clients: list[int],
+        state: ModelState,
+        server_state: ServerState,
+        variates: dict[int, Variates],
+    ) -> RoundResult:
         """One round; a dead aggregator is replaced and the round re-run from its start.
 
-        Every client's randomness derives from (seed, round, client), so the re-run
-        gives exactly the result the lost attempt would have given.
+        Every client's randomness derives from (seed, round, client), and the server
+        state is the driver's (the aggregator returns a new one, never edits it), so the
+        re-run gives exactly the result the lost attempt would have given.
         """
         retries = self.fed.cfg.runtime.retries
         attempt = 0
         while True:
             try:
-                return self._attempt_round(round_index, clients, state, attempt)
+                return self._attempt_round(
+                    round_index, clients, state, server_state, variates, attempt
+                )
             except AggregatorDied:
                 old_pid = self.aggregator_pid
                 ray.kill(self.aggregator, no_restart=True)
@@ -217,7 +228,13 @@ class RayExecutor:
                 attempt += 1
 
     def _attempt_round(
-        self, round_index: int, clients: list[int], state: ModelState, attempt: int
+        self,
+        round_index: int,
+        clients: list[int],
+        state: ModelState,
+        server_state: ServerState,
+        variates: dict[int, Variates],
+        attempt: int,
     ) -> RoundResult:
         fed, cfg = self.fed, self.fed.cfg
         # The global weights enter the object store once per state: the aggregator's
@@ -226,17 +243,22 @@ class RayExecutor:
             self.state_ref, self.state_of_ref = ray.put(state), state
         state_ref = self.state_ref
         bytes_down = state.num_bytes()
-        self._from_aggregator(self.aggregator.begin.remote(state_ref, round_index, attempt))
+        server_ref = ray.put(server_state)
+        view_ref = ray.put(self.strategy.client_view(server_state))
+        self._from_aggregator(
+            self.aggregator.begin.remote(state_ref, server_ref, round_index, attempt)
+        )
         position = {c: i for i, c in enumerate(clients)}
         jobs = chunk_jobs(clients, fed.budgets.resource_fraction, self.pools)
 
         def submit(actor, job: Job) -> ray.ObjectRefGenerator:
-            work = [(c, fed.shards[c], fed.budgets[c]) for c in job.clients]
-            return actor.train_many.remote(work, round_index, state_ref, bytes_down, job.attempt)
+            work = [(c, fed.shards[c], fed.budgets[c], variates.get(c)) for c in job.clients]
+            return actor.train_many.remote(
+                work, round_index, state_ref, view_ref, bytes_down, job.attempt
+            )
 
         ready: dict[int, tuple[ClientReport, Any]] = {}  # position -> (report, upload ref)
-        verdicts: list[ray.ObjectRef] = []
-        reports: list[ClientReport] = []
+        screened: list[ray.ObjectRef] = []  # the reports, with the aggregator's verdicts
         next_position = 0
         timeout_s, retries = cfg.runtime.client_timeout_s, cfg.runtime.retries
         for outcome in self.pools.run(jobs, submit, timeout_s, retries):
@@ -254,32 +276,32 @@ class RayExecutor:
             if batch:
                 batch_reports = [report for report, _ in batch]
                 uploads = [upload for _, upload in batch]  # refs resolve in the actor
-                verdicts.append(self.aggregator.offer_many.remote(batch_reports, *uploads))
-                reports.extend(batch_reports)
-        screened = [f for offered in self._from_aggregator(verdicts) for f in offered]
-        for report, failure in zip(reports, screened, strict=True):
-            report.failure = failure
-        new_state_ref, aggregation_ref = self.aggregator.finalize.options(num_returns=2).remote()
-        new_state, aggregation = self._from_aggregator([new_state_ref, aggregation_ref])
-        self.state_ref, self.state_of_ref = new_state_ref, new_state
-        return RoundResult(new_state, reports, aggregation)
+                screened.append(self.aggregator.offer_many.remote(batch_reports, *uploads))
+        # The verdicts are written once, by the aggregator's screening, as in process.
+        reports = [r for offered in self._from_aggregator(screened) for r in offered]
+        refs = self.aggregator.finalize.options(num_returns=3).remote()
+        new_state, aggregation, new_server_state = self._from_aggregator(refs)
+        self.state_ref, self.state_of_ref = refs[0], new_state
+        return RoundResult(new_state, reports, aggregation, new_server_state)
 
     def close(self) -> None:
         self.cleanup.close()
         self.pools = self.aggregator = self.state_ref = self.state_of_ref = None
 
 
-def portable_strategy(name: str) -> type[Strategy]:
-    """The registered strategy class, made to travel to workers that cannot import it.
+def portable_classes(cfg: ExperimentConfig) -> list[type]:
+    """The registered classes the config names (strategy, client and server update), made
+    to travel to workers that cannot import them.
 
-    A strategy defined outside an installed package (a test module, a notebook, a script)
-    is pickled by value, so a worker gets the class itself and registers it; one from an
-    installed package travels by reference as usual.
+    A class defined outside an installed package (a ``--plugin`` file, a test module, a
+    notebook) is pickled by value, so a worker gets the class itself and registers it;
+    one from an installed package travels by reference as usual.
     """
-    cls = STRATEGIES[name]
-    if cls.__module__ != "__main__" and not cls.__module__.startswith("hfedmoe."):
-        ray.cloudpickle.register_pickle_by_value(sys.modules[cls.__module__])
-    return cls
+    classes = strategy_classes(cfg)
+    for cls in classes:
+        if cls.__module__ != "__main__" and not cls.__module__.startswith("hfedmoe."):
+            ray.cloudpickle.register_pickle_by_value(sys.modules[cls.__module__])
+    return classes
 
 
 def _start_pools(
@@ -288,7 +310,7 @@ def _start_pools(
     plans: list[PoolPlan],
     device: str,
     actor_bytes: float,
-    strategy: type[Strategy],
+    classes: list[type],
     events: list[FaultEvent],
 ) -> ClientPools:
     train_ref = ray.put(fed.train)
@@ -301,7 +323,7 @@ def _start_pools(
         threads = cfg.threads or max(1, int(plan.fraction))
         options = {**resources, **_bundle(1 + slot), "memory": int(actor_bytes), "max_restarts": 0}
         return worker.options(**options).remote(
-            cfg, train_ref, fed.footprint, fed.num_labels, device, threads, strategy
+            cfg, train_ref, fed.footprint, fed.num_labels, device, threads, classes
         )
 
     return ClientPools(plans, make_actor, STARTUP_TIMEOUT_S, events)

@@ -20,8 +20,8 @@ from hfedmoe.platform.client import train_client
 from hfedmoe.platform.config import ExperimentConfig
 from hfedmoe.platform.data.tokenisation import TokenizedText
 from hfedmoe.platform.federation import build_task_adapter, make_trainer
-from hfedmoe.platform.records import ClientReport, ClientUpload, ModelState
-from hfedmoe.platform.strategies import Strategy, make_strategy, register
+from hfedmoe.platform.records import ClientReport, ClientUpload, ModelState, ServerState, Variates
+from hfedmoe.platform.strategies import build_strategy, register, round_aggregator
 
 
 class ClientWorker:
@@ -35,9 +35,10 @@ class ClientWorker:
         num_labels: int,
         device: str,
         threads: int,
-        strategy: type[Strategy],
+        classes: list[type],
     ) -> None:
-        register(strategy)  # a class the driver registered; this process may not have
+        for cls in classes:  # classes the driver registered; this process may not have
+            register(cls)
         torch.set_num_threads(threads)
         adapter = build_task_adapter(cfg, num_labels)
         adapter.model.to(device)
@@ -49,27 +50,32 @@ class ClientWorker:
 
     def train_many(
         self,
-        jobs: list[tuple[int, np.ndarray, Budget]],
+        jobs: list[tuple[int, np.ndarray, Budget, Variates | None]],
         round_index: int,
         state: ModelState,
+        server: ServerState,
         bytes_down: int,
         attempt: int,
     ) -> Iterator[ClientUpload | ClientReport | None]:
         """Train a chunk of clients, each from the global state, in order.
+
+        Each job carries the client's own control variates; ``server`` is the strategy's
+        client view of the server state (both empty unless the client update keeps any).
 
         Streams each client's upload and then its report as separate objects the moment
         the client is done: the aggregator fetches the upload, the driver the report, and
         a crash later in the chunk loses only the clients not yet streamed. One call per
         chunk spreads Ray's per-call cost over its clients.
         """
-        for client_id, indices, budget in jobs:
+        for client_id, indices, budget, variates in jobs:
             if attempt == 0 and (round_index, client_id) in self.cfg.faults.crash:
                 os._exit(1)  # injected fault: the process dies mid-task, as a real crash would
             if attempt == 0 and (round_index, client_id) in self.cfg.faults.hang:
                 time.sleep(10**6)  # injected fault: stalls until the driver's time limit
             upload, report = train_client(
-                self.trainer, client_id, indices, budget, round_index, state, bytes_down
-            )
+                self.trainer, client_id, indices, budget, round_index, state, bytes_down,
+                server, variates,
+            )  # fmt: skip
             yield upload
             yield report
 
@@ -77,39 +83,33 @@ class ClientWorker:
 class AggregatorWorker:
     """Screens and streams one round's uploads into the next global state, O(model) memory."""
 
-    def __init__(self, cfg: ExperimentConfig, strategy: type[Strategy]) -> None:
-        register(strategy)
+    def __init__(self, cfg: ExperimentConfig, classes: list[type]) -> None:
+        for cls in classes:
+            register(cls)
         self.cfg = cfg
-        self.strategy = make_strategy(cfg.federation.strategy, cfg.hfedmoe)
+        self.strategy = build_strategy(cfg)
         self.aggregator: RoundAggregator | None = None
         self.crash_on_offer = False
 
     def ready(self) -> int:
         return os.getpid()
 
-    def begin(self, state: ModelState, round_index: int, attempt: int) -> None:
-        fed = self.cfg.federation
-        self.aggregator = RoundAggregator(
-            state,
-            self.strategy,
-            self.cfg.hfedmoe.tau,
-            fed.round_deadline_s,
-            lora_aggregate=self.cfg.model.lora.aggregate,
-        )
+    def begin(self, state: ModelState, server: ServerState, round_index: int, attempt: int) -> None:
+        """A round starts from the global state and the server state the driver owns."""
+        self.aggregator = round_aggregator(self.cfg, self.strategy, state, server)
         self.crash_on_offer = attempt == 0 and round_index in self.cfg.faults.aggregator_crash
 
     def offer_many(
         self, reports: list[ClientReport], *uploads: ClientUpload | None
-    ) -> list[str | None]:
-        """Offer clients in order; for each, why it was left out, or None."""
+    ) -> list[ClientReport]:
+        """Offer clients in order; return their reports with the verdict screening wrote."""
         if self.crash_on_offer:
             os._exit(1)  # injected fault: the aggregator dies mid-round, state half summed
-        return [
+        for report, upload in zip(reports, uploads, strict=True):
             self.aggregator.offer(report, upload)
-            for report, upload in zip(reports, uploads, strict=True)
-        ]
+        return reports
 
-    def finalize(self) -> tuple[ModelState, AggregationReport]:
-        state, report = self.aggregator.finalize()
+    def finalize(self) -> tuple[ModelState, AggregationReport, ServerState]:
+        result = self.aggregator.finalize()
         self.aggregator = None
-        return state, report
+        return result

@@ -3,7 +3,9 @@
 Equations 16-21 of HFedMoE as pure functions (unit-tested against hand-computed values),
 ``screen``, the one place a client's failure is decided, and ``RoundAggregator``, which
 streams a round's uploads into the next global state in O(model) memory. What weight an
-upload gets is the strategy's choice (``strategies.base.Strategy``).
+upload gets, and how the aggregate becomes the next model (a server optimiser), is the
+strategy's choice: any object with the ``AggregationRule`` hooks (``strategies.base.Strategy``
+is one; this module never imports the strategies).
 
 LoRA adapters (``model.lora.aggregate``): a pair of tensors whose names differ only by
 ``lora_A`` vs ``lora_B`` is one adapter, A [..., r, in] and B [..., out, r], whose weight
@@ -23,14 +25,42 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
-from hfedmoe.platform.records import ClientReport, ClientUpload, ModelState
+from hfedmoe.platform.records import (
+    ClientReport,
+    ClientUpload,
+    ModelState,
+    ServerState,
+    Updated,
+    Variates,
+    split_key,
+)
 
-if TYPE_CHECKING:
-    from hfedmoe.platform.strategies import Strategy
+
+class AggregationRule(Protocol):
+    """The strategy hooks aggregation calls (``strategies.base.Strategy`` has them all)."""
+
+    def expert_weights(self, report: ClientReport, layer: int, index: np.ndarray) -> np.ndarray:
+        """Weight of each uploaded row of ``layer`` (experts ``index``); 0 leaves it out."""
+
+    def gate_weight(self, report: ClientReport, preference: float) -> float:
+        """Weight of this client's routers."""
+
+    def gate_divisor(self, weight_sum: float, global_set_size: int) -> float:
+        """What the weighted sum of routers is divided by (<= 0 keeps the old routers)."""
+
+    def server_update(
+        self, previous: ModelState, aggregate: ModelState, updated: Updated, server: ServerState
+    ) -> ModelState:
+        """The next global model from the aggregate (may update ``server`` in place)."""
+
+    def update_control_variates(
+        self, server: ServerState, variate_sums: Variates, clients: int
+    ) -> None:
+        """Fold the round's summed control-variate changes into ``server`` (in place)."""
 
 
 def expert_usage(prob_sum: np.ndarray, num_samples: int) -> np.ndarray:
@@ -192,6 +222,9 @@ class AggregationReport:
     consistency: list[float] = field(default_factory=list)  # r(c), eq 18, per client
     gate_alphas: list[float] = field(default_factory=list)  # alpha(c), eq 20, per client
     contributors: np.ndarray | None = None  # [L, E] clients whose upload entered the average
+    # Accepted clients' control-variate changes (SCAFFOLD), for the driver to keep.
+    variate_changes: dict[int, Variates] = field(default_factory=dict)
+    gate_divisor: float = 0.0  # <= 0: the routers kept their previous values
 
     @property
     def experts_updated(self) -> int:
@@ -219,15 +252,24 @@ class RoundAggregator:
     accumulated in place of the factors' sums, then ``finalize`` divides by the weight
     and re-factors to the pair's rank with ``refactor_low_rank``; an expert nobody
     contributes to keeps its A and B rows. Other tensors are aggregated alike in both.
+
+    ``finalize`` then hands the aggregate to the strategy's ``server_update`` (FedAvg: as
+    is; a server optimiser: a step on aggregate - previous) with ``server_state``, the
+    strategy's arrays the driver keeps across rounds, and returns the new server state:
+    an aggregator replaced mid-round re-runs the round from the same state. Uploaded
+    control-variate changes (SCAFFOLD) are summed in float64 per tensor and folded into
+    the server state over ``num_clients`` (N).
     """
 
     def __init__(
         self,
         global_state: ModelState,
-        strategy: Strategy,
+        strategy: AggregationRule,
         tau: float,
         deadline_s: float | None,
         lora_aggregate: str = "factors",
+        server_state: ServerState | None = None,
+        num_clients: int = 1,
     ) -> None:
         if lora_aggregate not in LORA_AGGREGATE:
             raise ValueError(
@@ -261,6 +303,10 @@ class RoundAggregator:
         self.contributors = np.zeros((num_layers, num_experts), dtype=np.int64)
         self.sets: list[np.ndarray] = []
         self.preference_sums: list[float] = []
+        self.server_state = dict(server_state or {})  # entries replaced, never mutated
+        self.num_clients = num_clients
+        self.variate_sums: Variates = {}
+        self.variate_changes: dict[int, Variates] = {}
 
     def offer(self, report: ClientReport, upload: ClientUpload | None) -> str | None:
         """Screen a client's upload and add it unless it fails; record and return the verdict."""
@@ -302,8 +348,38 @@ class RoundAggregator:
                 total[index] += weights.reshape(-1, *[1] * (delta.ndim - 1)) * delta
             self.expert_weight[layer, index] += weights
             self.contributors[layer, index] += 1
+        if upload.variates:
+            self._add_variates(report.client_id, upload.variates)
 
-    def finalize(self) -> tuple[ModelState, AggregationReport]:
+    def _add_variates(self, client_id: int, changes: Variates) -> None:
+        flat = self.previous.to_flat()
+        for key in sorted(changes):
+            name, row = split_key(key)
+            total = self.variate_sums.get(name)
+            if total is None:
+                total = self.variate_sums[name] = np.zeros(flat[name].shape)
+            if row is None:
+                total += changes[key]
+            else:
+                total[row] += changes[key]
+        self.variate_changes[client_id] = changes
+
+    def finalize(self) -> tuple[ModelState, AggregationReport, ServerState]:
+        """The next global state, what the aggregation did, and the new server state."""
+        aggregate, report = self._aggregate()
+        updated = Updated(
+            shared=self.shared_weight > 0,
+            gates=report.gate_divisor > 0,
+            experts=self.expert_weight > 0,
+        )
+        server = self.server_state
+        state = self.strategy.server_update(self.previous, aggregate, updated, server)
+        if self.variate_sums:
+            self.strategy.update_control_variates(server, self.variate_sums, self.num_clients)
+        report.variate_changes = self.variate_changes
+        return state, report, server
+
+    def _aggregate(self) -> tuple[ModelState, AggregationReport]:
         previous = self.previous
         shared = {
             k: fedavg(v, self.shared_weight, previous.shared[k]) for k, v in self.shared_sum.items()
@@ -335,6 +411,7 @@ class RoundAggregator:
             consistency=routing_consistency(sets).tolist() if self.sets else [],
             gate_alphas=gate_weights(np.array(self.preference_sums), global_size).tolist(),
             contributors=self.contributors,
+            gate_divisor=divisor,
         )
         return ModelState(shared=shared, gates=gates, experts=experts), report
 

@@ -6,7 +6,7 @@ import sys
 
 from tqdm import tqdm
 
-from hfedmoe.platform.checkpoint import append_history, save_checkpoint
+from hfedmoe.platform.checkpoint import append_history, save_checkpoint, save_variates
 from hfedmoe.platform.engine import Callback, Run
 from hfedmoe.platform.records import RoundMetrics
 
@@ -14,14 +14,18 @@ from hfedmoe.platform.records import RoundMetrics
 class Checkpointer(Callback):
     """Checkpoint after every round, so ``hfedmoe run --resume RUN_DIR`` continues the run.
 
-    The round's history record is appended first, then the state and progress written:
-    a checkpoint never refers to a round the history lacks.
+    The round's history record and the control variates it changed are written first,
+    then the state, server state and progress: a checkpoint never refers to a round the
+    history or the variates lack.
     """
 
     def after_round(self, run: Run, metrics: RoundMetrics) -> bool:
         append_history(run.run_dir, run.history.last_round_record())
+        changed = {c: run.variates[c] for c in run.variates_changed}
+        if changed:
+            save_variates(run.run_dir, metrics.round, changed)
         progress = {"clock": run.clock, "notes": run.notes}
-        save_checkpoint(run.run_dir, metrics.round, run.state, progress)
+        save_checkpoint(run.run_dir, metrics.round, run.state, progress, run.server_state)
         return False
 
 

@@ -6,11 +6,20 @@ The history, ``history.jsonl``, gets one fsynced line per completed round (its m
 client records and mean expert usage), so a checkpoint costs O(model + one round) however
 long the run. A checkpoint is a directory ``round-NNNNN`` under ``<run_dir>/checkpoints``
 holding ``state.safetensors`` (the global ModelState) and ``progress.json`` (the completed
-round, the simulated clock and the callbacks' notes). It is written under a temporary name
+round, the simulated clock and the callbacks' notes), and ``server.safetensors`` when the
+strategy keeps server state (a server optimiser's moments, SCAFFOLD's c: O(model)). It is
+written under a temporary name
 and renamed into place, then ``LATEST`` is replaced atomically, so a crash at any instant
 leaves the previous checkpoint intact; a checkpoint damaged anyway (a full disk, a torn
 copy) is skipped for the previous one, with a warning. Every random draw of a run derives
 from (seed, round, client), so this is all a resumed run needs.
+
+SCAFFOLD's per-client control variates live beside the checkpoints, in
+``<run_dir>/variates/client-CCCCCCC-round-RRRRR.safetensors``: a client's file is written
+after each round that changed its variates (before that round's checkpoint), so a round
+costs O(its clients' trained rows), never all clients'. A resume takes each client's
+newest file of a round up to the checkpoint's; the two newest per client are kept, which
+covers the KEEP checkpoints.
 
 Tensors are only ever read through safetensors: a checkpoint never unpickles anything.
 """
@@ -22,7 +31,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +42,14 @@ from safetensors.numpy import load_file, save_file
 
 from hfedmoe.platform.config import ExperimentConfig, load_config
 from hfedmoe.platform.errors import ConfigError
-from hfedmoe.platform.records import History, ModelState
+from hfedmoe.platform.plugins import load_recorded_plugins
+from hfedmoe.platform.records import History, ModelState, ServerState, Variates
 
 log = logging.getLogger(__name__)
 
 KEEP = 2  # checkpoints kept; older ones are removed after a new one is in place
 HISTORY = "history.jsonl"
+VARIATES = "variates"
 
 
 @dataclass
@@ -51,6 +62,8 @@ class Checkpoint:
     state: ModelState
     history: History
     path: Path
+    server_state: ServerState | None = None  # None: the run kept none (or an older version)
+    variates: dict[int, Variates] = field(default_factory=dict)
 
 
 def new_run_dir(cfg: ExperimentConfig, run_dir: Path | None = None) -> Path:
@@ -68,35 +81,17 @@ def new_run_dir(cfg: ExperimentConfig, run_dir: Path | None = None) -> Path:
 
 
 def run_config(run_dir: Path) -> ExperimentConfig:
-    """The config a run directory was started with (what --resume continues)."""
+    """The config a run directory was started with (what --resume continues), after
+    importing the plugins it recorded (their classes are names in that config)."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"--resume {run_dir}: no config.yaml; is this a run directory?")
+    load_recorded_plugins(run_dir)
     return load_config(path)
 
 
 def state_to_flat(state: ModelState) -> dict[str, np.ndarray]:
-    flat = {f"shared/{k}": v for k, v in state.shared.items()}
-    flat.update({f"gate/{k}": v for k, v in state.gates.items()})
-    for layer, arrays in enumerate(state.experts):
-        flat.update({f"expert/{layer}/{k}": v for k, v in arrays.items()})
-    return {k: np.ascontiguousarray(v) for k, v in flat.items()}
-
-
-def state_from_flat(flat: dict[str, np.ndarray]) -> ModelState:
-    state = ModelState(shared={}, gates={}, experts=[])
-    for key, value in flat.items():
-        kind, rest = key.split("/", 1)
-        if kind == "shared":
-            state.shared[rest] = value
-        elif kind == "gate":
-            state.gates[rest] = value
-        else:
-            layer, name = rest.split("/", 1)
-            while len(state.experts) <= int(layer):
-                state.experts.append({})
-            state.experts[int(layer)][name] = value
-    return state
+    return {k: np.ascontiguousarray(v) for k, v in state.to_flat().items()}
 
 
 def append_history(run_dir: Path, record: dict[str, Any]) -> None:
@@ -136,8 +131,38 @@ def read_history(run_dir: Path, up_to_round: int) -> History:
     return History.from_round_records([by_round[r] for r in range(up_to_round + 1)])
 
 
+def save_variates(run_dir: Path, round_index: int, variates: dict[int, Variates]) -> None:
+    """Write the control variates of the clients a round changed (before its checkpoint)."""
+    root = Path(run_dir) / VARIATES
+    root.mkdir(parents=True, exist_ok=True)
+    for client, arrays in variates.items():
+        path = root / f"client-{client:07d}-round-{round_index:05d}.safetensors"
+        staging = path.with_name(f".{path.name}.tmp")
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(staging))
+        _fsync(staging)
+        os.replace(staging, path)
+        for old in sorted(root.glob(f"client-{client:07d}-round-*.safetensors"))[:-KEEP]:
+            old.unlink(missing_ok=True)
+    _fsync(root)
+
+
+def load_variates(run_dir: Path, up_to_round: int) -> dict[int, Variates]:
+    """Each client's newest control variates written for a round <= ``up_to_round``."""
+    newest: dict[int, tuple[int, Path]] = {}
+    for path in (Path(run_dir) / VARIATES).glob("client-*-round-*.safetensors"):
+        _, client, _, round_index = path.name.removesuffix(".safetensors").split("-")
+        client, round_index = int(client), int(round_index)
+        if round_index <= up_to_round and round_index > newest.get(client, (-1, None))[0]:
+            newest[client] = (round_index, path)
+    return {client: load_file(str(path)) for client, (_, path) in sorted(newest.items())}
+
+
 def save_checkpoint(
-    run_dir: Path, round_index: int, state: ModelState, progress: dict[str, Any]
+    run_dir: Path,
+    round_index: int,
+    state: ModelState,
+    progress: dict[str, Any],
+    server_state: ServerState | None = None,
 ) -> Path:
     """Write the checkpoint of a completed round (its history appended already)."""
     root = Path(run_dir) / "checkpoints"
@@ -148,6 +173,10 @@ def save_checkpoint(
     staging.mkdir()
     save_file(state_to_flat(state), str(staging / "state.safetensors"))
     _fsync(staging / "state.safetensors")
+    if server_state:
+        flat = {k: np.ascontiguousarray(v) for k, v in server_state.items()}
+        save_file(flat, str(staging / "server.safetensors"))
+        _fsync(staging / "server.safetensors")
     _write_json(staging / "progress.json", {"round": round_index, **progress})
     _fsync(staging)
     final = root / name
@@ -208,13 +237,16 @@ def _read_latest(root: Path) -> Path | None:
 
 def _load(run_dir: Path, directory: Path) -> Checkpoint:
     progress = json.loads((directory / "progress.json").read_text())
+    server = directory / "server.safetensors"
     return Checkpoint(
         round=progress["round"],
         clock=progress["clock"],
         notes=progress["notes"],
-        state=state_from_flat(load_file(str(directory / "state.safetensors"))),
+        state=ModelState.from_flat(load_file(str(directory / "state.safetensors"))),
         history=read_history(run_dir, progress["round"]),
         path=directory,
+        server_state=load_file(str(server)) if server.is_file() else None,
+        variates=load_variates(run_dir, progress["round"]),
     )
 
 

@@ -10,7 +10,7 @@ the server needs (usage, eq 16; importance) and the modelled cost of the round.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,9 +30,9 @@ from hfedmoe.platform.config import ExperimentConfig
 from hfedmoe.platform.data.tokenisation import TokenizedText, iterate_batches
 from hfedmoe.platform.flops import StepFlops
 from hfedmoe.platform.models.adapter import MoEAdapter
-from hfedmoe.platform.records import ClientReport, ClientUpload, ModelState
+from hfedmoe.platform.records import ClientReport, ClientUpload, ModelState, ServerState, Variates
 from hfedmoe.platform.selection import batch_importance
-from hfedmoe.platform.strategies import make_strategy
+from hfedmoe.platform.strategies import build_strategy
 from hfedmoe.platform.tasks import make_task
 
 
@@ -110,6 +110,7 @@ class _Tally:
     admitted: float = 0.0  # sum over steps of min(step limit, |E_union|) / |E_union|
     flops: float = 0.0
     out_of_memory: bool = False  # a step's routed union did not fit (moe_all_routed)
+    variates: Variates = field(default_factory=dict)  # change of the client's c_i (SCAFFOLD)
 
 
 class LocalTrainer:
@@ -126,7 +127,7 @@ class LocalTrainer:
         self.data = train_data
         self.footprint = footprint
         self.cfg = cfg
-        self.strategy = make_strategy(cfg.federation.strategy, cfg.hfedmoe)
+        self.strategy = build_strategy(cfg)
         self.task = make_task(cfg.task.name, cfg.task.params)
         self.stop_gradient = cfg.federation.backward == "stop_gradient"
         head = adapter.lm_head_params()
@@ -214,6 +215,7 @@ class LocalTrainer:
         upload = ClientUpload(
             shared=adapter.named_arrays(adapter.shared_names),
             gates=adapter.named_arrays(adapter.gate_names),
+            variates=tally.variates,
         )
         for layer in range(adapter.num_layers):
             index = np.flatnonzero(report.trained[layer])
@@ -266,8 +268,13 @@ class LocalTrainer:
                 adapter.set_active_experts(active)
                 step_tensors = leaves.for_step(active)
                 torch.autograd.backward(loss, inputs=list(step_tensors.values()))
+                strategy.correct_gradients(step_tensors)  # FedProx, SCAFFOLD; plain: none
                 optimizer.step(step_tensors)
                 self._count(tally, batch, loss, routing, active, shape)
+            if not tally.out_of_memory:
+                tally.variates = strategy.finish_local(
+                    leaves.for_step(None), self.cfg.federation.lr
+                )
         return tally
 
     def _count(self, tally: _Tally, batch, loss, routing, active, shape) -> None:
@@ -361,13 +368,22 @@ def train_client(
     round_index: int,
     state: ModelState,
     bytes_down: int,
+    server: ServerState | None = None,
+    variates: Variates | None = None,
 ) -> tuple[ClientUpload | None, ClientReport]:
     """A client's round on any executor: from the global state, with injected corruption.
+
+    ``server`` is the strategy's ``client_view`` of the server state and ``variates`` the
+    client's own kept control variates (SCAFFOLD; both travel with the job, so they count
+    in the bytes it downloads).
 
     ``faults.corrupt`` turns a finished upload into NaN (for robustness experiments and the
     screening tests); crash and hang faults belong to executors that have processes to lose.
     """
+    server, variates = server or {}, variates or {}
+    bytes_down += sum(a.nbytes for a in [*server.values(), *variates.values()])
     trainer.adapter.load_state(state)
+    trainer.strategy.start_local(state, server, variates)
     upload, report = trainer.train(client_id, indices, budget, round_index, bytes_down)
     if upload is not None and (round_index, client_id) in trainer.cfg.faults.corrupt:
         target = upload.shared or upload.gates

@@ -11,11 +11,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from hfedmoe.platform.budgets.profiles import EMBEDDED_DEVICES, EMBEDDED_NETWORKS
 from hfedmoe.platform.errors import ConfigError
-from hfedmoe.platform.strategies import STRATEGIES
 from hfedmoe.platform.tasks import TASKS
 
 MODEL_KINDS = (
@@ -199,8 +207,65 @@ class ModelConfig(_Section):
         return self
 
 
+class ParamsError(ValueError):
+    """A component's params failed its own model: ``field`` is the dotted path inside params."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class ComponentRef(_Section):
+    """A registered class and its parameters: written as a bare name or {name, params}.
+
+    A bare name is kept as one when written back (sweeps and old configs keep working).
+    """
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_serializer(mode="wrap")
+    def _as_written(self, handler):
+        return self.name if not self.params else handler(self)
+
+
+def _registered(part: str, ref: ComponentRef) -> type:
+    """The class ``ref`` names in the registry of ``part``, its params validated by it."""
+    # Imported here: the strategies import the config's types, never the other way at import.
+    from hfedmoe.platform.strategies import REGISTRIES
+
+    cls = REGISTRIES[part].lookup(ref.name)
+    try:
+        cls.Params(**ref.params)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        given = first.get("input")
+        shown = "" if isinstance(given, dict) else f" (got {given!r})"
+        raise ParamsError(field, f"{first['msg']}{shown}") from None
+    return cls
+
+
 class FederationConfig(_Section):
-    strategy: str = Field("hfedmoe", description="a registered strategy (strategies/)")
+    strategy: ComponentRef = Field(
+        ComponentRef(name="hfedmoe"),
+        description="a registered strategy (strategies/): which experts train, how uploads "
+        "are weighted; a name or {name, params}",
+    )
+    client_update: ComponentRef = Field(
+        ComponentRef(name="plain"),
+        description="local-step correction: plain | fedprox {mu} | scaffold",
+    )
+    server_update: ComponentRef = Field(
+        ComponentRef(name="fedavg"),
+        description="server optimiser on aggregate - previous: fedavg | fedavgm {lr, "
+        "momentum} | fedadam, fedyogi {lr, beta1, beta2, tau} | fedadagrad {lr, beta1, tau}",
+    )
     rounds: int = Field(10, ge=1)
     num_clients: int = Field(20, ge=1)
     clients_per_round: int = Field(5, ge=1)
@@ -234,22 +299,30 @@ class FederationConfig(_Section):
         None, gt=0, description="simulated seconds; slower clients' updates are dropped"
     )
 
-    @field_validator("strategy")
+    @field_validator("strategy", "client_update", "server_update")
     @classmethod
-    def _registered(cls, name: str) -> str:
-        if name not in STRATEGIES:
-            raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
-        return name
+    def _registered(cls, ref: ComponentRef, info: ValidationInfo) -> ComponentRef:
+        _registered(info.field_name, ref)
+        return ref
 
     @model_validator(mode="after")
     def _consistent(self) -> FederationConfig:
+        from hfedmoe.platform.strategies import STRATEGIES  # see _registered
+
         fixed_set = ("all", "none")
-        if self.engine == "deepspeed" and STRATEGIES[self.strategy].trains not in fixed_set:
+        if self.engine == "deepspeed" and STRATEGIES[self.strategy.name].trains not in fixed_set:
             fixed = [n for n, s in STRATEGIES.items() if s.trains in fixed_set]
             raise ValueError(
                 f"federation.engine=deepspeed supports {', '.join(fixed)}, not "
-                f"{self.strategy}: ZeRO flattens parameters into partitions, while per-batch "
-                "expert selection needs each expert as its own tensor; use engine=torch"
+                f"{self.strategy.name}: ZeRO flattens parameters into partitions, while "
+                "per-batch expert selection needs each expert as its own tensor; use "
+                "engine=torch"
+            )
+        if self.engine == "deepspeed" and self.client_update.name != "plain":
+            raise ValueError(
+                f"federation.client_update={self.client_update.name} corrects each step's "
+                "gradients, which the DeepSpeed engine does not expose; use engine=torch or "
+                "client_update: plain"
             )
         if self.stop_at_target and self.target_accuracy is None:
             raise ValueError(
@@ -519,6 +592,10 @@ def _format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        cause = e.get("ctx", {}).get("error")
+        if isinstance(cause, ParamsError):  # a component's own params model failed
+            lines.append(f"  {field}.params.{cause.field}: {cause}")
+            continue
         given = e.get("input")
         shown = "" if isinstance(given, dict) else f" (got {given!r})"
         lines.append(f"  {field}: {e['msg']}{shown}")

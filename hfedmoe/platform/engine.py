@@ -30,7 +30,16 @@ from hfedmoe.platform.config import ExperimentConfig
 from hfedmoe.platform.errors import ConfigError, InjectedFault, Terminated
 from hfedmoe.platform.federation import Federation, build_federation
 from hfedmoe.platform.models import MoEAdapter
-from hfedmoe.platform.records import ClientRecord, ClientReport, History, ModelState, RoundMetrics
+from hfedmoe.platform.records import (
+    ClientRecord,
+    ClientReport,
+    History,
+    ModelState,
+    RoundMetrics,
+    ServerState,
+    Variates,
+)
+from hfedmoe.platform.strategies import build_strategy
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +51,7 @@ class RoundResult:
     state: ModelState
     reports: list[ClientReport]  # in the order the clients were given
     aggregation: AggregationReport
+    server_state: ServerState = field(default_factory=dict)  # the strategy's, after the round
 
 
 class Executor(Protocol):
@@ -50,8 +60,19 @@ class Executor(Protocol):
     def open(self, fed: Federation, adapter: MoEAdapter) -> dict[str, Any]:
         """Prepare (workers, actors); return a JSON-able description of the placement."""
 
-    def run_round(self, round_index: int, clients: list[int], state: ModelState) -> RoundResult:
-        """Train ``clients`` from ``state``; aggregate their uploads in exactly this order."""
+    def run_round(
+        self,
+        round_index: int,
+        clients: list[int],
+        state: ModelState,
+        server_state: ServerState,
+        variates: dict[int, Variates],
+    ) -> RoundResult:
+        """Train ``clients`` from ``state``; aggregate their uploads in exactly this order.
+
+        ``server_state`` is the strategy's (moments, SCAFFOLD's c), ``variates`` the kept
+        control variates of those of ``clients`` that have any.
+        """
 
     def close(self) -> None:
         """Release what ``open`` acquired (only that)."""
@@ -65,6 +86,11 @@ class Run:
     run_dir: Path | None  # None: nothing is written (checkpoints need one)
     fed: Federation
     state: ModelState
+    server_state: ServerState = field(default_factory=dict)  # the strategy's, O(model)
+    # Control variates of every client that ever trained (SCAFFOLD), its trained rows only;
+    # ``variates_changed`` are the clients whose variates the last round changed.
+    variates: dict[int, Variates] = field(default_factory=dict)
+    variates_changed: list[int] = field(default_factory=list)
     history: History = field(default_factory=History)
     clock: float = 0.0  # simulated seconds
     next_round: int = 0
@@ -210,7 +236,9 @@ def run(
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     fed, adapter = build_federation(cfg)
-    run_state = Run(cfg, Path(run_dir) if run_dir else None, fed, adapter.state())
+    state = adapter.state()
+    run_state = Run(cfg, Path(run_dir) if run_dir else None, fed, state)
+    run_state.server_state = build_strategy(cfg).initial_server_state(state)
     if resume:
         _restore(run_state)
     status = "FAILED"
@@ -243,7 +271,10 @@ def _loop(run_state: Run, adapter: MoEAdapter, executor: Executor, callbacks) ->
     for round_index in range(run_state.next_round, fn.rounds):
         started = time.perf_counter()
         clients = sample_clients(fn.num_clients, fn.clients_per_round, cfg.seed, round_index)
-        result = executor.run_round(round_index, clients, run_state.state)
+        kept = {c: run_state.variates[c] for c in clients if c in run_state.variates}
+        result = executor.run_round(
+            round_index, clients, run_state.state, run_state.server_state, kept
+        )
         accuracy = test_loss = perplexity = None
         if should_evaluate(cfg, round_index):
             adapter.load_state(result.state)
@@ -262,6 +293,13 @@ def _loop(run_state: Run, adapter: MoEAdapter, executor: Executor, callbacks) ->
         metrics.wall_seconds = time.perf_counter() - started
         record_round(run_state.history, fed, metrics, result.reports)
         run_state.state = result.state
+        run_state.server_state = result.server_state
+        changes = result.aggregation.variate_changes
+        for client, change in changes.items():
+            run_state.variates[client] = apply_variate_change(
+                run_state.variates.get(client, {}), change
+            )
+        run_state.variates_changed = sorted(changes)
         run_state.clock = metrics.simulated_seconds
         run_state.next_round = round_index + 1
         log.info("round %d: %s", round_index, metrics)
@@ -274,11 +312,23 @@ def _loop(run_state: Run, adapter: MoEAdapter, executor: Executor, callbacks) ->
             raise InjectedFault(f"faults.driver_crash: the driver fails after round {round_index}")
 
 
+def apply_variate_change(kept: Variates, change: Variates) -> Variates:
+    """A client's control variates after a round: c_i + (c_i+ - c_i), key by key (a key
+    it trained for the first time starts from 0)."""
+    new = dict(kept)
+    for key, delta in change.items():
+        new[key] = kept[key] + delta if key in kept else delta
+    return new
+
+
 def _restore(run_state: Run) -> None:
     checkpoint = load_checkpoint(run_state.run_dir)
     if checkpoint is None:
         raise ConfigError(f"--resume {run_state.run_dir}: no checkpoint in this run directory")
     run_state.state = checkpoint.state
+    if checkpoint.server_state is not None:  # runs of older versions kept none
+        run_state.server_state = checkpoint.server_state
+    run_state.variates = checkpoint.variates
     run_state.history = checkpoint.history
     run_state.clock = checkpoint.clock
     run_state.next_round = checkpoint.round + 1

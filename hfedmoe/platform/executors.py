@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from hfedmoe.platform.aggregation import RoundAggregator
 from hfedmoe.platform.client import LocalTrainer, train_client
 from hfedmoe.platform.config import ExperimentConfig
 from hfedmoe.platform.engine import Callback, RoundResult, Run, run
 from hfedmoe.platform.federation import Federation, make_trainer
 from hfedmoe.platform.models import MoEAdapter
-from hfedmoe.platform.records import ModelState
+from hfedmoe.platform.records import ModelState, ServerState, Variates
+from hfedmoe.platform.strategies import round_aggregator
 
 
 class InProcessExecutor:
@@ -30,26 +30,28 @@ class InProcessExecutor:
         self.trainer = make_trainer(adapter, fed.train, fed.footprint, fed.cfg)
         return {"executor": "in_process"}
 
-    def run_round(self, round_index: int, clients: list[int], state: ModelState) -> RoundResult:
-        fed, cfg = self.fed, self.fed.cfg
-        aggregator = RoundAggregator(
-            state,
-            self.trainer.strategy,
-            cfg.hfedmoe.tau,
-            cfg.federation.round_deadline_s,
-            lora_aggregate=cfg.model.lora.aggregate,
-        )
+    def run_round(
+        self,
+        round_index: int,
+        clients: list[int],
+        state: ModelState,
+        server_state: ServerState,
+        variates: dict[int, Variates],
+    ) -> RoundResult:
+        fed, strategy = self.fed, self.trainer.strategy
+        aggregator = round_aggregator(fed.cfg, strategy, state, server_state)
         bytes_down = state.num_bytes()
+        view = strategy.client_view(server_state)
         reports = []
         for client in clients:
             upload, report = train_client(
                 self.trainer, client, fed.shards[client], fed.budgets[client], round_index,
-                state, bytes_down,
+                state, bytes_down, view, variates.get(client),
             )  # fmt: skip
             aggregator.offer(report, upload)
             reports.append(report)
-        new_state, aggregation = aggregator.finalize()
-        return RoundResult(new_state, reports, aggregation)
+        new_state, aggregation, new_server_state = aggregator.finalize()
+        return RoundResult(new_state, reports, aggregation, new_server_state)
 
     def close(self) -> None:
         self.trainer = None

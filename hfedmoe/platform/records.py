@@ -31,6 +31,65 @@ class ModelState:
         arrays += [a for layer in self.experts for a in layer.values()]
         return int(sum(a.nbytes for a in arrays))
 
+    def to_flat(self) -> dict[str, np.ndarray]:
+        """One array per tensor: "shared/NAME", "gate/NAME", "expert/LAYER/NAME" ([E, ...])."""
+        flat = {f"shared/{k}": v for k, v in self.shared.items()}
+        flat.update({f"gate/{k}": v for k, v in self.gates.items()})
+        for layer, arrays in enumerate(self.experts):
+            flat.update({f"expert/{layer}/{k}": v for k, v in arrays.items()})
+        return flat
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, np.ndarray]) -> ModelState:
+        state = cls(shared={}, gates={}, experts=[])
+        for key, value in flat.items():
+            kind, rest = key.split("/", 1)
+            if kind == "shared":
+                state.shared[rest] = value
+            elif kind == "gate":
+                state.gates[rest] = value
+            else:
+                layer, name = rest.split("/", 1)
+                while len(state.experts) <= int(layer):
+                    state.experts.append({})
+                state.experts[int(layer)][name] = value
+        return state
+
+
+# Arrays a strategy keeps on the server across rounds (moments, SCAFFOLD's c), by
+# "<part>/<flat tensor name>" (``ModelState.to_flat``); owned by the driver, checkpointed.
+ServerState = dict[str, np.ndarray]
+# One client's control variates (or their change), by trained-tensor key: "shared/NAME",
+# "gate/NAME", or "expert/LAYER/EXPERT/NAME" for one expert's row.
+Variates = dict[str, np.ndarray]
+
+
+def split_key(key: str) -> tuple[str, int | None]:
+    """A trained-tensor key as (flat tensor name, expert row or None).
+
+    "expert/0/3/w_in" -> ("expert/0/w_in", 3); "shared/x" -> ("shared/x", None).
+    """
+    if key.startswith("expert/"):
+        _, layer, expert, name = key.split("/", 3)
+        return f"expert/{layer}/{name}", int(expert)
+    return key, None
+
+
+def row_of(flat: dict[str, np.ndarray], key: str, prefix: str = "") -> np.ndarray:
+    """The array of a trained-tensor key in a flat dict: an expert key names one row."""
+    name, row = split_key(key)
+    return flat[prefix + name] if row is None else flat[prefix + name][row]
+
+
+@dataclass
+class Updated:
+    """Which parts of the model a round's aggregation changed (a server optimiser moves
+    only these): shared tensors, routers, and per [L, E] expert rows."""
+
+    shared: bool
+    gates: bool
+    experts: np.ndarray  # [L, E] bool
+
 
 @dataclass
 class BatchRouting:
@@ -61,11 +120,13 @@ class ClientUpload:
     gates: dict[str, np.ndarray] = field(default_factory=dict)
     # Per MoE layer: "index" -> int64 [k] expert ids, then tensor name -> [k, ...].
     experts: list[dict[str, np.ndarray]] = field(default_factory=list)
+    # SCAFFOLD: the change c_i+ - c_i of this client's control variates (trained keys).
+    variates: dict[str, np.ndarray] = field(default_factory=dict)
 
     def arrays(self) -> list[np.ndarray]:
         tensors = [*self.shared.values(), *self.gates.values()]
         tensors += [a for layer in self.experts for k, a in layer.items() if k != "index"]
-        return tensors
+        return tensors + list(self.variates.values())
 
     def num_bytes(self) -> int:
         return int(sum(a.nbytes for a in self.arrays()))

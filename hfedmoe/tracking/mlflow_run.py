@@ -129,12 +129,12 @@ def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
 
 def run_name(cfg: ExperimentConfig) -> str:
     """What the MLflow UI lists a run as: the experiment name, strategy and seed."""
-    return f"{cfg.name}-{cfg.federation.strategy}-s{cfg.seed}"
+    return f"{cfg.name}-{cfg.federation.strategy.name}-s{cfg.seed}"
 
 
 def create_run(client: MlflowClient, cfg: ExperimentConfig, uri: str, tags: dict[str, str]) -> str:
     """A new MLflow run of ``cfg``; return its id."""
-    tags = {"hfedmoe.strategy": cfg.federation.strategy, **tags}
+    tags = {"hfedmoe.strategy": cfg.federation.strategy.name, **tags}
     experiment = experiment_id(client, cfg.tracking.experiment, uri)
     return client.create_run(experiment, run_name=run_name(cfg), tags=tags).info.run_id
 

@@ -18,6 +18,7 @@ import csv
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from hfedmoe.platform.config import (
     set_dotted,
 )
 from hfedmoe.platform.engine import Callback, Run
+from hfedmoe.platform.plugins import load_plugins
 from hfedmoe.platform.records import RoundMetrics
 
 DRIVER_CPUS = 0.25  # a trial's driver waits on its actors most of the time
@@ -298,8 +300,12 @@ class SweepResult:
     best: dict[str, Any] | None
 
 
-def run_sweep(path: str | Path, progress: bool = True) -> SweepResult:
-    """Run every trial of a sweep file on Ray Tune; return the table of trials."""
+def run_sweep(path: str | Path, progress: bool = True, plugins: Sequence[str] = ()) -> SweepResult:
+    """Run every trial of a sweep file on Ray Tune; return the table of trials.
+
+    ``plugins`` (``--plugin``) are imported here before the sweep is validated, and by
+    every trial before it builds its config (a path must exist on the trial's node).
+    """
     import ray
     from mlflow.tracking import MlflowClient
     from ray import tune
@@ -308,6 +314,7 @@ def run_sweep(path: str | Path, progress: bool = True) -> SweepResult:
     from hfedmoe.actors.executor import connect
     from hfedmoe.tracking.mlflow_run import experiment_id, unreachable
 
+    plugins = load_plugins(plugins)
     sweep, base_raw = load_sweep(path)
     base = parse_config(base_raw)
     # The parent run must exist before any trial can nest under it: no buffering here.
@@ -354,6 +361,7 @@ def run_sweep(path: str | Path, progress: bool = True) -> SweepResult:
             tracking_uri=tracking_uri,
             experiment=experiment,
             sweep_dir=str(sweep_dir),
+            plugins=plugins,
         )
         scheduler = None
         if sweep.asha is not None:
@@ -428,6 +436,7 @@ def _trial(
     tracking_uri: str,
     experiment: str,
     sweep_dir: str,
+    plugins: list[str],
 ) -> None:
     """One trial: a federation on the trial's placement group, reporting every round."""
     from ray import tune
@@ -436,6 +445,7 @@ def _trial(
     from hfedmoe.platform.checkpoint import load_checkpoint
 
     trial_id = tune.get_context().get_trial_id()
+    load_plugins(plugins)  # this process may be new: the config names their classes
     cfg = trial_config(sweep, base, params)
     label = " ".join(f"{key.rsplit('.', 1)[-1]}={_label(value)}" for key, value in params.items())
     cfg = cfg.model_copy(
@@ -463,6 +473,7 @@ def _trial(
         parent_run_id=parent_run_id,
         callbacks=[TuneReport(trial_id, target, attempt)],
         placement=(device, capacity, 0.0),
+        plugins=plugins,
     )
 
 
