@@ -165,25 +165,8 @@ def record_round(history: History, fed: Federation, metrics: RoundMetrics, repor
     """Append a round and its clients to the history (per-client rows, mean usage)."""
     budgets = fed.budgets
     for r in reports:
-        history.clients.append(
-            ClientRecord(
-                round=metrics.round,
-                client=r.client_id,
-                tier=budgets.tier_names[budgets.tier[r.client_id]],
-                capacity=r.capacity,
-                step_limit=r.step_limit,
-                experts_per_step=r.experts_per_step,
-                experts_per_step_max=r.experts_per_step_max,
-                experts_trained=int(r.trained.sum()) if r.trained is not None else 0,
-                loss=r.loss,
-                seconds=r.seconds,
-                failure=r.failure,
-                memory_bytes=r.memory_bytes,
-                measured_peak_bytes=r.measured_peak_bytes,
-                routed_per_step=r.routed_per_step,
-                admitted_share=r.admitted_share,
-            )
-        )
+        tier = budgets.tier_names[budgets.tier[r.client_id]]
+        history.clients.append(ClientRecord.from_report(r, metrics.round, tier))
     usage = [r.usage for r in reports if not r.failed]
     if usage:
         history.usage.append(np.sum(usage, axis=0) / len(usage))
