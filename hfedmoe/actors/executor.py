@@ -21,6 +21,11 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
+from hfedmoe.actors.faults import (
+    FaultInjectingAggregatorWorker,
+    FaultInjectingClientWorker,
+    injects_client_faults,
+)
 from hfedmoe.actors.pools import (
     CONTROL_TIMEOUT_S,
     ClientPools,
@@ -172,7 +177,9 @@ class RayExecutor:
         return {"executor": "ray", "device": device, "pools": [asdict(p) for p in plans]}
 
     def _start_aggregator(self) -> None:
-        worker = ray.remote(AggregatorWorker).options(
+        injects = bool(self.fed.cfg.faults.aggregator_crash)
+        aggregator = FaultInjectingAggregatorWorker if injects else AggregatorWorker
+        worker = ray.remote(aggregator).options(
             num_cpus=0, max_restarts=0, **self.aggregator_bundle
         )
         while True:
@@ -292,7 +299,7 @@ def _start_pools(
     events: list[FaultEvent],
 ) -> ClientPools:
     train_ref = ray.put(fed.train)
-    worker = ray.remote(ClientWorker)
+    worker = ray.remote(FaultInjectingClientWorker if injects_client_faults(cfg) else ClientWorker)
 
     def make_actor(plan: PoolPlan, slot: int):
         resources = {"num_gpus": plan.fraction, "num_cpus": 0} if device == "cuda" else {

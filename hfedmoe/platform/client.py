@@ -346,15 +346,6 @@ def train_client(
     state: ModelState,
     bytes_down: int,
 ) -> tuple[ClientUpload | None, ClientReport]:
-    """A client's round on any executor: from the global state, with injected corruption.
-
-    ``faults.corrupt`` turns a finished upload into NaN (for robustness experiments and the
-    screening tests); crash and hang faults belong to executors that have processes to lose.
-    """
+    """A client's round on any executor: from the global state the round started with."""
     trainer.adapter.load_state(state)
-    upload, report = trainer.train(client_id, indices, budget, round_index, bytes_down)
-    if upload is not None and (round_index, client_id) in trainer.cfg.faults.corrupt:
-        target = upload.shared or upload.gates
-        name = next(iter(target))
-        target[name] = np.full_like(target[name], np.nan)
-    return upload, report
+    return trainer.train(client_id, indices, budget, round_index, bytes_down)

@@ -29,7 +29,8 @@ from hfedmoe.platform.aggregation import AggregationReport
 from hfedmoe.platform.checkpoint import load_checkpoint
 from hfedmoe.platform.config import ExperimentConfig
 from hfedmoe.platform.data.tokenisation import TokenizedText, batch_tensors
-from hfedmoe.platform.errors import ConfigError, InjectedFault, Terminated
+from hfedmoe.platform.errors import ConfigError, Terminated
+from hfedmoe.platform.faults import driver_faults
 from hfedmoe.platform.federation import Federation, build_federation
 from hfedmoe.platform.models import MoEAdapter
 from hfedmoe.platform.records import ClientRecord, ClientReport, History, ModelState, RoundMetrics
@@ -204,7 +205,11 @@ def run(
     run_dir: Path | None = None,
     resume: bool = False,
 ) -> Run:
-    """Run (or, with ``resume``, continue from ``run_dir``'s last checkpoint) a federation."""
+    """Run (or, with ``resume``, continue from ``run_dir``'s last checkpoint) a federation.
+
+    Injected driver faults (``faults.py``) come last, after every callback saw the round.
+    """
+    callbacks = [*callbacks, *driver_faults(cfg.faults)]
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     fed, adapter = build_federation(cfg)
@@ -260,8 +265,6 @@ def _loop(run_state: Run, adapter: MoEAdapter, executor: Executor, callbacks) ->
         if any(stops):
             log.info("stopping after round %d at a callback's request", round_index)
             return
-        if round_index == cfg.faults.driver_crash:
-            raise InjectedFault(f"faults.driver_crash: the driver fails after round {round_index}")
 
 
 def _restore(run_state: Run) -> None:

@@ -13,6 +13,7 @@ from hfedmoe.platform.aggregation import RoundAggregator
 from hfedmoe.platform.client import LocalTrainer, train_client
 from hfedmoe.platform.config import ExperimentConfig
 from hfedmoe.platform.engine import Callback, RoundResult, Run, run
+from hfedmoe.platform.faults import corrupting
 from hfedmoe.platform.federation import Federation, make_trainer
 from hfedmoe.platform.models import MoEAdapter
 from hfedmoe.platform.records import ModelState
@@ -28,6 +29,7 @@ class InProcessExecutor:
     def open(self, fed: Federation, adapter: MoEAdapter) -> dict[str, Any]:
         self.fed = fed
         self.trainer = make_trainer(adapter, fed.train, fed.footprint, fed.cfg)
+        self.train_client = corrupting(train_client, fed.cfg.faults.corrupt)  # faults.py
         return {"executor": "in_process"}
 
     def run_round(self, round_index: int, clients: list[int], state: ModelState) -> RoundResult:
@@ -42,7 +44,7 @@ class InProcessExecutor:
         bytes_down = state.num_bytes()
         reports = []
         for client in clients:
-            upload, report = train_client(
+            upload, report = self.train_client(
                 self.trainer, client, fed.shards[client], fed.budgets[client], round_index,
                 state, bytes_down,
             )  # fmt: skip
