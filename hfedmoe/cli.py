@@ -21,7 +21,14 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. federation.rounds=3")
-        overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or err
+            raise ConfigError(
+                f"--set {pair!r}: the value is not valid YAML ({problem}); quote it, "
+                "e.g. --set 'data.path=\"my: file.csv\"'"
+            ) from None
     return overrides
 
 

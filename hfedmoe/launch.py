@@ -35,6 +35,10 @@ def launch(
         cfg = run_config(run_dir)
     else:
         check_paths(cfg)
+    if not in_process:
+        from hfedmoe.actors.executor import RayExecutor, check_address  # imports ray
+
+        check_address(cfg.runtime.address)  # before the data and model are built
     standard: list[Callback] = []
     if cfg.tracking.enabled:
         from hfedmoe.tracking.mlflow_run import MLflowTracking, check_tracking  # imports mlflow
@@ -43,13 +47,7 @@ def launch(
         standard.append(MLflowTracking(parent_run_id))
     if resume is None:
         run_dir = new_run_dir(cfg, run_dir)
-    executor: Executor
-    if in_process:
-        executor = InProcessExecutor()
-    else:
-        from hfedmoe.actors.executor import RayExecutor  # imports ray: only when used
-
-        executor = RayExecutor(placement)
+    executor: Executor = InProcessExecutor() if in_process else RayExecutor(placement)
     standard += [Checkpointer(), Progress(progress)]
     if cfg.federation.stop_at_target:
         standard.append(EarlyStop(cfg.federation.target_accuracy))

@@ -6,7 +6,7 @@ import sys
 
 from tqdm import tqdm
 
-from hfedmoe.platform.checkpoint import append_history, save_checkpoint
+from hfedmoe.platform.checkpoint import append_history, save_checkpoint, write_run_config
 from hfedmoe.platform.engine import Callback, Run
 from hfedmoe.platform.records import RoundMetrics
 
@@ -14,9 +14,14 @@ from hfedmoe.platform.records import RoundMetrics
 class Checkpointer(Callback):
     """Checkpoint after every round, so ``hfedmoe run --resume RUN_DIR`` continues the run.
 
-    The round's history record is appended first, then the state and progress written:
-    a checkpoint never refers to a round the history lacks.
+    The run directory and its config are written when the run has started (the data, the
+    model and the executor are ready). The round's history record is appended first, then
+    the state and progress written: a checkpoint never refers to a round the history lacks.
     """
+
+    def on_run_begin(self, run: Run) -> None:
+        if run.next_round == 0:  # a resumed run keeps the config it was started with
+            write_run_config(run.run_dir, run.cfg)
 
     def after_round(self, run: Run, metrics: RoundMetrics) -> bool:
         append_history(run.run_dir, run.history.last_round_record())
