@@ -81,7 +81,7 @@ def start_server(
                         return process, url
             except OSError:
                 time.sleep(0.3)
-    stop_server(process)
+    stop_server(process)  # its uvicorn and job-runner children too, not only the parent
     raise RuntimeError(f"mlflow server did not answer on {url} within {timeout_s:.0f} s")
 
 
