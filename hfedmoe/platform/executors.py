@@ -13,7 +13,7 @@ from hfedmoe.platform.aggregation import RoundAggregator
 from hfedmoe.platform.client import LocalTrainer, train_client
 from hfedmoe.platform.config import ExperimentConfig
 from hfedmoe.platform.engine import Callback, RoundResult, Run, run
-from hfedmoe.platform.faults import corrupting
+from hfedmoe.platform.faults import TrainClient, corrupting
 from hfedmoe.platform.federation import Federation, make_trainer
 from hfedmoe.platform.models import MoEAdapter
 from hfedmoe.platform.records import ModelState
@@ -25,6 +25,7 @@ class InProcessExecutor:
     def __init__(self) -> None:
         self.fed: Federation | None = None
         self.trainer: LocalTrainer | None = None
+        self.train_client: TrainClient = train_client
 
     def open(self, fed: Federation, adapter: MoEAdapter) -> dict[str, Any]:
         self.fed = fed
