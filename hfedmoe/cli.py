@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,14 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. federation.rounds=3")
-        overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or err
+            raise ConfigError(
+                f"--set {pair!r}: the value is not valid YAML ({problem}); quote it, "
+                "e.g. --set 'data.path=\"my: file.csv\"'"
+            ) from None
     return overrides
 
 
@@ -63,18 +71,39 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     from hfedmoe.tracking.ui import runs_table_urls, start_server, stop_server, store_uri
 
-    process, url = start_server(store_uri(args.store), args.port)
-    print(f"MLflow UI for {args.store}: {url}  (Ctrl-C to stop)")
-    for name, page in runs_table_urls(url).items():
-        print(f"  runs of experiment {name}: {page}")
-    print(end="", flush=True)
+    def stop(signum: int, _frame) -> None:
+        raise Stopped(signum)
+
+    # SIGTERM and SIGHUP unwind like Ctrl-C, so the server stops with this process.
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    backend, process = store_uri(args.store), None
     try:
+        process, url = start_server(backend, args.port)
+        print(f"MLflow UI for {args.store}: {url}  (Ctrl-C to stop)")
+        for name, page in runs_table_urls(url).items():
+            print(f"  runs of experiment {name}: {page}")
+        print(end="", flush=True)
         process.wait()
     except KeyboardInterrupt:
         pass
+    except Stopped as signalled:
+        return 128 + signalled.signum
     finally:
-        stop_server(process)
+        for signum in previous:  # a second signal waits for the stop
+            signal.signal(signum, signal.SIG_IGN)
+        if process is not None:  # else the guard sees this process end, and stops the server
+            stop_server(process)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
+
+
+class Stopped(BaseException):
+    """A signal that ends ``hfedmoe ui``; the exit status is 128 + its number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
 
 
 def cmd_export_mlflow(args: argparse.Namespace) -> int:

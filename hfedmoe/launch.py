@@ -17,7 +17,6 @@ from hfedmoe.platform.checkpoint import new_run_dir, run_config
 from hfedmoe.platform.config import ExperimentConfig, check_paths
 from hfedmoe.platform.engine import Callback, Executor, Run, run
 from hfedmoe.platform.executors import InProcessExecutor
-from hfedmoe.platform.plugins import record_plugins
 
 
 def launch(
@@ -41,6 +40,10 @@ def launch(
         cfg = run_config(run_dir)
     else:
         check_paths(cfg)
+    if not in_process:
+        from hfedmoe.actors.executor import RayExecutor, check_address  # imports ray
+
+        check_address(cfg.runtime.address)  # before the data and model are built
     standard: list[Callback] = []
     if cfg.tracking.enabled:
         from hfedmoe.tracking.mlflow_run import MLflowTracking, check_tracking  # imports mlflow
@@ -49,15 +52,8 @@ def launch(
         standard.append(MLflowTracking(parent_run_id))
     if resume is None:
         run_dir = new_run_dir(cfg, run_dir)
-        record_plugins(run_dir, list(plugins))
-    executor: Executor
-    if in_process:
-        executor = InProcessExecutor()
-    else:
-        from hfedmoe.actors.executor import RayExecutor  # imports ray: only when used
-
-        executor = RayExecutor(placement)
-    standard += [Checkpointer(), Progress(progress)]
+    executor: Executor = InProcessExecutor() if in_process else RayExecutor(placement)
+    standard += [Checkpointer(list(plugins)), Progress(progress)]
     if cfg.federation.stop_at_target:
         standard.append(EarlyStop(cfg.federation.target_accuracy))
     return run(cfg, executor, [*standard, *callbacks], run_dir, resume=resume is not None)

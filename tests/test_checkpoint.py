@@ -7,6 +7,7 @@ import logging
 import os
 import pickle
 import shutil
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from hfedmoe.platform.checkpoint import HISTORY, load_checkpoint
 from hfedmoe.platform.config import ConfigError, parse_config
 from hfedmoe.platform.engine import Callback, run
 from hfedmoe.platform.executors import InProcessExecutor
+from hfedmoe.platform.records import ClientRecord, ClientReport, History
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
@@ -166,3 +168,38 @@ def test_a_pickle_in_a_checkpoint_is_never_unpickled(finished, tmp_path):
     (latest / "state.pt").write_bytes(payload)
     assert load_checkpoint(run_dir).round == 1  # read as a damaged checkpoint, skipped
     assert not marker.exists()
+
+
+def test_a_client_record_is_its_report_plus_round_tier_and_trained_count():
+    report = ClientReport(7, 30, trained=np.array([[True, False], [True, True]]))
+    # A distinct value in every field the record shares with the report.
+    shared = [f for f in fields(ClientRecord) if f.name in {g.name for g in fields(ClientReport)}]
+    for number, f in enumerate(shared, start=1):
+        setattr(report, f.name, "oom" if f.name == "failure" else number)
+    record = ClientRecord.from_report(report, round_index=4, tier="slow")
+    assert {f.name: getattr(record, f.name) for f in shared} == {
+        f.name: getattr(report, f.name) for f in shared
+    }
+    assert (record.round, record.client, record.tier, record.experts_trained) == (4, 7, "slow", 3)
+    # What the record has beyond the report is exactly what from_report is given.
+    assert {f.name for f in fields(ClientRecord)} - {f.name for f in shared} == {
+        "round", "client", "tier", "experts_trained"
+    }  # fmt: skip
+    assert ClientRecord.from_report(ClientReport(1, 5), 0, "fast").experts_trained == 0
+
+
+def test_a_history_written_before_the_newer_client_fields_still_loads(finished):
+    run_dir, whole = finished
+    newer = {"memory_bytes", "routed_per_step", "admitted_share", "measured_peak_bytes"}
+    records = []
+    for line in (run_dir / HISTORY).read_text().splitlines():
+        record = json.loads(line)
+        record["clients"] = [
+            {k: v for k, v in c.items() if k not in newer} for c in record["clients"]
+        ]
+        del record["group_usage"]
+        records.append(record)
+    old = History.from_round_records(records)
+    assert [c.client for c in old.clients] == [c.client for c in whole.history.clients]
+    assert [c.loss for c in old.clients] == [c.loss for c in whole.history.clients]
+    assert all(c.admitted_share == 0.0 and c.measured_peak_bytes is None for c in old.clients)

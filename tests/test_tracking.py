@@ -6,6 +6,10 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -180,3 +184,44 @@ def test_the_cluster_mlflow_script_binds_loopback_with_host_protection_on():
     command = script[script.index("exec ") :]
     assert "--host 127.0.0.1" in command
     assert "--disable-security-middleware" not in script and "--allowed-hosts" not in script
+
+
+def _serving_ui(tmp_path: Path) -> tuple[subprocess.Popen, int, list[psutil.Process]]:
+    """A real ``hfedmoe ui`` on a store made here; (process, port, its process tree)."""
+    store = tmp_path / "mlflow.db"
+    MlflowClient(f"sqlite:///{store}").search_experiments()  # creates the store's schema
+    port = free_port()
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "hfedmoe.cli", "ui", "--store", str(store), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    line = ui.stdout.readline()  # printed once the server answers
+    assert f"http://127.0.0.1:{port}" in line, line
+    tree = psutil.Process(ui.pid).children(recursive=True)
+    assert any("mlflow" in " ".join(p.cmdline()) and "server" in p.cmdline() for p in tree)
+    return ui, port, tree
+
+
+def _gone(tree: list[psutil.Process], port: int, timeout_s: float) -> bool:
+    """Whether every process of ``tree`` ended and nothing listens on ``port`` any more."""
+    _, alive = psutil.wait_procs(tree, timeout=timeout_s)
+    with socket.socket() as probe:
+        refused = probe.connect_ex(("127.0.0.1", port)) != 0
+    return not alive and refused
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_the_ui_stops_its_server_and_every_child_on_a_signal(tmp_path, signum):
+    ui, port, tree = _serving_ui(tmp_path)
+    ui.send_signal(signum)
+    assert ui.wait(timeout=60) == 128 + signum  # 143 for SIGTERM
+    assert _gone(tree, port, timeout_s=10)
+
+
+def test_a_killed_ui_takes_its_server_down_too(tmp_path):
+    """SIGKILL runs no handler: the server's guard sees the ui's end of its stdin close."""
+    ui, port, tree = _serving_ui(tmp_path)
+    ui.kill()
+    ui.wait()
+    assert _gone(tree, port, timeout_s=30)  # the guard's grace (5 s) and the group's exit

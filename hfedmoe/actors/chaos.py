@@ -3,7 +3,8 @@
 A run with faults must end exactly where the same run without them ends (every client's
 randomness derives from (seed, round, client), and aggregation sums in the sampled
 order). The chaos test and the soak benchmark check that with this monkey, beside the
-faults a config injects at fixed points (``faults.crash``, ``hang``, ``aggregator_crash``).
+faults a config injects at fixed points (``faults.crash``, ``hang``, ``aggregator_crash``:
+``faults.py``).
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import socket
 import sys
 from dataclasses import asdict
 from typing import Any
@@ -21,6 +23,11 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
+from hfedmoe.actors.faults import (
+    FaultInjectingAggregatorWorker,
+    FaultInjectingClientWorker,
+    injects_client_faults,
+)
 from hfedmoe.actors.pools import (
     CONTROL_TIMEOUT_S,
     ClientPools,
@@ -31,7 +38,7 @@ from hfedmoe.actors.pools import (
 )
 from hfedmoe.actors.workers import AggregatorWorker, ClientWorker
 from hfedmoe.platform.budgets.cost import full_step_memory_bytes
-from hfedmoe.platform.config import ConfigError, ExperimentConfig
+from hfedmoe.platform.config import ConfigError, ExperimentConfig, host_port
 from hfedmoe.platform.engine import RoundResult
 from hfedmoe.platform.federation import Federation
 from hfedmoe.platform.models import MoEAdapter
@@ -44,10 +51,37 @@ GiB = 2**30
 STARTUP_TIMEOUT_S = 300.0  # client actors placed and models built
 
 
+ADDRESS_TIMEOUT_S = 3.0  # a head's GCS answers a TCP connect in milliseconds
+
+
+def check_address(address: str | None) -> None:
+    """Fail in seconds, naming the setting, if nothing listens at the Ray address to join.
+
+    ``ray.init`` retries an address that does not answer for minutes. ``auto`` and
+    ``local`` are left to Ray; so is everything once this process is connected.
+    """
+    setting = "runtime.address"
+    if address is None:  # ray.init then joins RAY_ADDRESS, if set (ray job submit sets it)
+        setting, address = "RAY_ADDRESS", os.environ.get("RAY_ADDRESS")
+    target = host_port(address) if address else None
+    if target is None or ray.is_initialized():
+        return
+    try:
+        socket.create_connection(target, timeout=ADDRESS_TIMEOUT_S).close()
+    except OSError as err:
+        reason = "timed out" if isinstance(err, TimeoutError) else err.strerror or str(err)
+        raise ConfigError(
+            f"{setting} {address}: no Ray cluster answers there ({reason} within "
+            f"{ADDRESS_TIMEOUT_S:.0f} s); start it (ray start --head on that machine), correct "
+            f"{setting}, or unset it to start Ray on this machine"
+        ) from None
+
+
 def connect(address: str | None) -> bool:
     """Join the configured cluster or start a local one; True if this call started Ray."""
     if ray.is_initialized():
         return False
+    check_address(address)
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
     return True
 
@@ -173,7 +207,9 @@ class RayExecutor:
         return {"executor": "ray", "device": device, "pools": [asdict(p) for p in plans]}
 
     def _start_aggregator(self) -> None:
-        worker = ray.remote(AggregatorWorker).options(
+        injects = bool(self.fed.cfg.faults.aggregator_crash)
+        aggregator = FaultInjectingAggregatorWorker if injects else AggregatorWorker
+        worker = ray.remote(aggregator).options(
             num_cpus=0, max_restarts=0, **self.aggregator_bundle
         )
         while True:
@@ -314,7 +350,7 @@ def _start_pools(
     events: list[FaultEvent],
 ) -> ClientPools:
     train_ref = ray.put(fed.train)
-    worker = ray.remote(ClientWorker)
+    worker = ray.remote(FaultInjectingClientWorker if injects_client_faults(cfg) else ClientWorker)
 
     def make_actor(plan: PoolPlan, slot: int):
         resources = {"num_gpus": plan.fraction, "num_cpus": 0} if device == "cuda" else {

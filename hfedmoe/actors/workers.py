@@ -7,7 +7,6 @@ executor wraps them with ``ray.remote`` and the resources of their role.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -44,6 +43,7 @@ class ClientWorker:
         adapter.model.to(device)
         self.cfg = cfg
         self.trainer = make_trainer(adapter, train, footprint, cfg)
+        self.train_client = train_client  # one client's round (faults.py wraps it)
 
     def ready(self) -> int:
         return os.getpid()
@@ -65,14 +65,11 @@ class ClientWorker:
         Streams each client's upload and then its report as separate objects the moment
         the client is done: the aggregator fetches the upload, the driver the report, and
         a crash later in the chunk loses only the clients not yet streamed. One call per
-        chunk spreads Ray's per-call cost over its clients.
+        chunk spreads Ray's per-call cost over its clients. ``attempt`` counts the chunk's
+        tries (0: the first).
         """
         for client_id, indices, budget, variates in jobs:
-            if attempt == 0 and (round_index, client_id) in self.cfg.faults.crash:
-                os._exit(1)  # injected fault: the process dies mid-task, as a real crash would
-            if attempt == 0 and (round_index, client_id) in self.cfg.faults.hang:
-                time.sleep(10**6)  # injected fault: stalls until the driver's time limit
-            upload, report = train_client(
+            upload, report = self.train_client(
                 self.trainer, client_id, indices, budget, round_index, state, bytes_down,
                 server, variates,
             )  # fmt: skip
@@ -89,7 +86,6 @@ class AggregatorWorker:
         self.cfg = cfg
         self.strategy = build_strategy(cfg)
         self.aggregator: RoundAggregator | None = None
-        self.crash_on_offer = False
 
     def ready(self) -> int:
         return os.getpid()
@@ -97,14 +93,11 @@ class AggregatorWorker:
     def begin(self, state: ModelState, server: ServerState, round_index: int, attempt: int) -> None:
         """A round starts from the global state and the server state the driver owns."""
         self.aggregator = round_aggregator(self.cfg, self.strategy, state, server)
-        self.crash_on_offer = attempt == 0 and round_index in self.cfg.faults.aggregator_crash
 
     def offer_many(
         self, reports: list[ClientReport], *uploads: ClientUpload | None
     ) -> list[ClientReport]:
         """Offer clients in order; return their reports with the verdict screening wrote."""
-        if self.crash_on_offer:
-            os._exit(1)  # injected fault: the aggregator dies mid-round, state half summed
         for report, upload in zip(reports, uploads, strict=True):
             self.aggregator.offer(report, upload)
         return reports

@@ -6,18 +6,34 @@ import sys
 
 from tqdm import tqdm
 
-from hfedmoe.platform.checkpoint import append_history, save_checkpoint, save_variates
+from hfedmoe.platform.checkpoint import (
+    append_history,
+    save_checkpoint,
+    save_variates,
+    write_run_config,
+)
 from hfedmoe.platform.engine import Callback, Run
+from hfedmoe.platform.plugins import record_plugins
 from hfedmoe.platform.records import RoundMetrics
 
 
 class Checkpointer(Callback):
     """Checkpoint after every round, so ``hfedmoe run --resume RUN_DIR`` continues the run.
 
-    The round's history record and the control variates it changed are written first,
-    then the state, server state and progress: a checkpoint never refers to a round the
-    history or the variates lack.
+    The run directory, its config and the plugins it imports are written when the run has
+    started (the data, the model and the executor are ready). After each round its history
+    record and the control variates it changed are written first, then the state, server
+    state and progress: a checkpoint never refers to a round the history or the variates
+    lack.
     """
+
+    def __init__(self, plugins: list[str] | None = None) -> None:
+        self.plugins = plugins or []
+
+    def on_run_begin(self, run: Run) -> None:
+        if run.next_round == 0:  # a resumed run keeps the config and plugins it started with
+            write_run_config(run.run_dir, run.cfg)
+            record_plugins(run.run_dir, self.plugins)
 
     def after_round(self, run: Run, metrics: RoundMetrics) -> bool:
         append_history(run.run_dir, run.history.last_round_record())

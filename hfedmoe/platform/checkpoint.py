@@ -67,17 +67,23 @@ class Checkpoint:
 
 
 def new_run_dir(cfg: ExperimentConfig, run_dir: Path | None = None) -> Path:
-    """Create a run directory (default: output_dir/NAME-TIME) and write the config into it.
+    """The directory of a new run (default: output_dir/NAME-TIME), not yet created.
 
     Refuses a directory that already holds a run: that one is continued with --resume.
+    Nothing is written before the run has started (``write_run_config``), so a run that
+    fails to start (bad data, no cluster) leaves no half-made run directory behind.
     """
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(run_dir or Path(cfg.output_dir) / f"{cfg.name}-{stamp}").resolve()
     if has_checkpoint(run_dir):
         raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir}")
+    return run_dir
+
+
+def write_run_config(run_dir: Path, cfg: ExperimentConfig) -> None:
+    """Create the run directory and write the config a resume continues with."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    return run_dir
 
 
 def run_config(run_dir: Path) -> ExperimentConfig:

@@ -371,22 +371,14 @@ def train_client(
     server: ServerState | None = None,
     variates: Variates | None = None,
 ) -> tuple[ClientUpload | None, ClientReport]:
-    """A client's round on any executor: from the global state, with injected corruption.
+    """A client's round on any executor: from the global state the round started with.
 
     ``server`` is the strategy's ``client_view`` of the server state and ``variates`` the
     client's own kept control variates (SCAFFOLD; both travel with the job, so they count
     in the bytes it downloads).
-
-    ``faults.corrupt`` turns a finished upload into NaN (for robustness experiments and the
-    screening tests); crash and hang faults belong to executors that have processes to lose.
     """
     server, variates = server or {}, variates or {}
     bytes_down += sum(a.nbytes for a in [*server.values(), *variates.values()])
     trainer.adapter.load_state(state)
     trainer.strategy.start_local(state, server, variates)
-    upload, report = trainer.train(client_id, indices, budget, round_index, bytes_down)
-    if upload is not None and (round_index, client_id) in trainer.cfg.faults.corrupt:
-        target = upload.shared or upload.gates
-        name = next(iter(target))
-        target[name] = np.full_like(target[name], np.nan)
-    return upload, report
+    return trainer.train(client_id, indices, budget, round_index, bytes_down)

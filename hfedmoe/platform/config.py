@@ -7,8 +7,9 @@ before any model is built or any actor started.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -461,7 +462,9 @@ class RuntimeConfig(_Section):
     """How the Ray runner places and supervises clients (ignored by the in-process runner)."""
 
     address: str | None = Field(
-        None, description="Ray cluster address ('auto' for a running one); unset: start locally"
+        None,
+        description="Ray cluster address: HOST:PORT of its GCS, ray://HOST:PORT (Ray client), "
+        "'auto' (the cluster running on this machine); unset: start Ray locally",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: cuda when the cluster has GPUs, else cpu"
@@ -480,6 +483,25 @@ class RuntimeConfig(_Section):
     )
     retries: int = Field(1, ge=0, description="re-runs of a client whose actor died")
 
+    @field_validator("address")
+    @classmethod
+    def _an_address(cls, address: str | None) -> str | None:
+        if address is None or address in ("auto", "local") or host_port(address) is not None:
+            return address
+        raise ValueError(
+            f"{address!r} is not a Ray address; give HOST:PORT (e.g. 10.0.0.5:6379, the head's "
+            "GCS port), ray://HOST:10001, or auto for the cluster running on this machine; "
+            "leave it unset to start Ray locally"
+        )
+
+
+def host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of ``HOST:PORT`` or ``ray://HOST:PORT``, else None."""
+    match = re.fullmatch(r"(?:ray://)?(\[[0-9a-fA-F:.]+\]|[\w.-]+):(\d{1,5})", address)
+    if match is None or not 0 < int(match[2]) < 65536:
+        return None
+    return match[1].strip("[]"), int(match[2])
+
 
 class TrackingConfig(_Section):
     enabled: bool = True
@@ -491,6 +513,35 @@ class TrackingConfig(_Section):
         "continue",
         description="tracking.uri unreachable at the start: continue (warn, train, log once "
         "it answers) or fail before training. An outage mid-run never stops training.",
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _a_tracking_uri(cls, uri: str | None) -> str | None:
+        return None if uri is None else check_tracking_uri(uri)
+
+
+# MLflow 3's tracking stores (a server, a SQL database, Databricks); it refuses plain files.
+_TRACKING_URI = re.compile(
+    r"https?://[^/\s]+(/\S*)?"
+    r"|sqlite:///\S+"
+    r"|(postgresql|mysql|mssql)(\+\w+)?://\S+"
+    r"|databricks(://\S+)?"
+)
+
+
+def check_tracking_uri(uri: str) -> str:
+    """``uri`` if MLflow 3 can track to it, else a ValueError saying what it takes."""
+    if _TRACKING_URI.fullmatch(uri):
+        return uri
+    if uri.startswith("file:") or "://" not in uri:
+        problem = "is a file path to MLflow (no scheme://), and MLflow 3 refuses its file store"
+    else:
+        problem = "is not a tracking URI MLflow takes"
+    raise ValueError(
+        f"{uri!r} {problem}; give http(s)://HOST:PORT (an MLflow server), "
+        "sqlite:///ABSOLUTE/PATH/mlflow.db, postgresql://..., mysql://... or databricks, "
+        "or leave it unset for mlflow.db beside the run directories"
     )
 
 
@@ -588,26 +639,83 @@ class ExperimentConfig(_Section):
         return self
 
 
-def _format_validation_error(err: ValidationError) -> str:
-    lines = []
+def _model_at(model: type[BaseModel], path: tuple) -> type[BaseModel] | None:
+    """The model class at ``path`` (field names, list indices, dict keys) inside ``model``."""
+    node: Any = model
+    for part in (*path, None):
+        while get_origin(node) is Union or type(node).__name__ == "UnionType":  # X | None
+            members = [a for a in get_args(node) if a is not type(None)]
+            node = members[0] if len(members) == 1 else None
+        if part is None:
+            break
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            field = node.model_fields.get(str(part))
+            node = field.annotation if field is not None else None
+        elif get_origin(node) in (list, dict):
+            node = get_args(node)[-1]  # list[X] or dict[K, X]: part is an index or key
+        else:
+            return None
+    return node if isinstance(node, type) and issubclass(node, BaseModel) else None
+
+
+def validation_message(err: ValidationError, model: type[BaseModel]) -> str:
+    """Every problem of ``err`` on one line: the dotted field, what is wrong, the value or
+    the keys allowed there (``model`` is the validated class)."""
+    problems = []
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = tuple(e["loc"])
+        field = ".".join(str(p) for p in loc)
         cause = e.get("ctx", {}).get("error")
         if isinstance(cause, ParamsError):  # a component's own params model failed
-            lines.append(f"  {field}.params.{cause.field}: {cause}")
+            problems.append(f"{field}.params.{cause.field}: {cause}")
             continue
         given = e.get("input")
-        shown = "" if isinstance(given, dict) else f" (got {given!r})"
-        lines.append(f"  {field}: {e['msg']}{shown}")
-    return "invalid configuration:\n" + "\n".join(lines)
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(model, loc[:-1])
+            allowed = f"; allowed: {', '.join(parent.model_fields)}" if parent else ""
+            problems.append(f"{field}: unknown key{allowed}")
+        elif e["type"] == "missing":
+            parent = _model_at(model, loc[:-1])
+            info = parent.model_fields.get(str(loc[-1])) if parent else None
+            what = f" ({info.description})" if info is not None and info.description else ""
+            problems.append(f"{field}: missing; add it{what}")
+        else:
+            message = e["msg"].removeprefix("Value error, ")
+            if isinstance(given, dict):  # a section's own check: its message names the fields
+                problems.append(message)
+            else:
+                shown = "" if repr(given) in message else f" (got {given!r})"
+                problems.append(f"{field}: {message}{shown}")
+    return "; ".join(problems)
 
 
-def parse_config(raw: dict[str, Any]) -> ExperimentConfig:
-    """Validate a plain mapping; raise ConfigError naming each bad field and its range."""
+def parse_config(raw: dict[str, Any], source: str = "invalid configuration") -> ExperimentConfig:
+    """Validate a plain mapping; raise ConfigError naming each bad field and its range.
+
+    ``source`` begins the message: the file the mapping came from, where there is one.
+    """
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err)) from None
+        raise ConfigError(f"{source}: {validation_message(err, ExperimentConfig)}") from None
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """The YAML document in ``path``; a syntax error is a ConfigError naming the line."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as err:
+        mark, context = err.problem_mark, err.context_mark
+        where = f"{path} line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        opened = ""
+        if err.context and context is not None:
+            opened = f" ({err.context} from line {context.line + 1}, column {context.column + 1})"
+        raise ConfigError(
+            f"{where}: not valid YAML, {err.problem}{opened}; correct the {what} there (an "
+            "unclosed bracket or quote, a tab, or a key out of line are the usual causes)"
+        ) from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err}); correct the {what}") from None
 
 
 def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -626,12 +734,12 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path, "config") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for key, value in (overrides or {}).items():
         set_dotted(raw, key, value)
-    return parse_config(raw)
+    return parse_config(raw, f"{path} (with --set)" if overrides else str(path))
 
 
 def _looks_local(value: str) -> bool:

@@ -27,7 +27,8 @@ import torch
 from hfedmoe.platform.aggregation import AggregationReport
 from hfedmoe.platform.checkpoint import load_checkpoint
 from hfedmoe.platform.config import ExperimentConfig
-from hfedmoe.platform.errors import ConfigError, InjectedFault, Terminated
+from hfedmoe.platform.errors import ConfigError, Terminated
+from hfedmoe.platform.faults import driver_faults
 from hfedmoe.platform.federation import Federation, build_federation
 from hfedmoe.platform.models import MoEAdapter
 from hfedmoe.platform.records import (
@@ -176,25 +177,8 @@ def record_round(history: History, fed: Federation, metrics: RoundMetrics, repor
     """Append a round and its clients to the history (per-client rows, mean usage)."""
     budgets = fed.budgets
     for r in reports:
-        history.clients.append(
-            ClientRecord(
-                round=metrics.round,
-                client=r.client_id,
-                tier=budgets.tier_names[budgets.tier[r.client_id]],
-                capacity=r.capacity,
-                step_limit=r.step_limit,
-                experts_per_step=r.experts_per_step,
-                experts_per_step_max=r.experts_per_step_max,
-                experts_trained=int(r.trained.sum()) if r.trained is not None else 0,
-                loss=r.loss,
-                seconds=r.seconds,
-                failure=r.failure,
-                memory_bytes=r.memory_bytes,
-                measured_peak_bytes=r.measured_peak_bytes,
-                routed_per_step=r.routed_per_step,
-                admitted_share=r.admitted_share,
-            )
-        )
+        tier = budgets.tier_names[budgets.tier[r.client_id]]
+        history.clients.append(ClientRecord.from_report(r, metrics.round, tier))
     usage = [r.usage for r in reports if not r.failed]
     if usage:
         history.usage.append(np.sum(usage, axis=0) / len(usage))
@@ -232,7 +216,11 @@ def run(
     run_dir: Path | None = None,
     resume: bool = False,
 ) -> Run:
-    """Run (or, with ``resume``, continue from ``run_dir``'s last checkpoint) a federation."""
+    """Run (or, with ``resume``, continue from ``run_dir``'s last checkpoint) a federation.
+
+    Injected driver faults (``faults.py``) come last, after every callback saw the round.
+    """
+    callbacks = [*callbacks, *driver_faults(cfg.faults)]
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     fed, adapter = build_federation(cfg)
@@ -308,8 +296,6 @@ def _loop(run_state: Run, adapter: MoEAdapter, executor: Executor, callbacks) ->
         if any(stops):
             log.info("stopping after round %d at a callback's request", round_index)
             return
-        if round_index == cfg.faults.driver_crash:
-            raise InjectedFault(f"faults.driver_crash: the driver fails after round {round_index}")
 
 
 def apply_variate_change(kept: Variates, change: Variates) -> Variates:

@@ -12,6 +12,7 @@ from typing import Any
 from hfedmoe.platform.client import LocalTrainer, train_client
 from hfedmoe.platform.config import ExperimentConfig
 from hfedmoe.platform.engine import Callback, RoundResult, Run, run
+from hfedmoe.platform.faults import TrainClient, corrupting
 from hfedmoe.platform.federation import Federation, make_trainer
 from hfedmoe.platform.models import MoEAdapter
 from hfedmoe.platform.records import ModelState, ServerState, Variates
@@ -24,10 +25,12 @@ class InProcessExecutor:
     def __init__(self) -> None:
         self.fed: Federation | None = None
         self.trainer: LocalTrainer | None = None
+        self.train_client: TrainClient = train_client
 
     def open(self, fed: Federation, adapter: MoEAdapter) -> dict[str, Any]:
         self.fed = fed
         self.trainer = make_trainer(adapter, fed.train, fed.footprint, fed.cfg)
+        self.train_client = corrupting(train_client, fed.cfg.faults.corrupt)  # faults.py
         return {"executor": "in_process"}
 
     def run_round(
@@ -44,7 +47,7 @@ class InProcessExecutor:
         view = strategy.client_view(server_state)
         reports = []
         for client in clients:
-            upload, report = train_client(
+            upload, report = self.train_client(
                 self.trainer, client, fed.shards[client], fed.budgets[client], round_index,
                 state, bytes_down, view, variates.get(client),
             )  # fmt: skip

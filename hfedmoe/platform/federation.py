@@ -24,7 +24,7 @@ from hfedmoe.platform.budgets.cost import (
 from hfedmoe.platform.budgets.drawing import ClientBudgets, draw_budgets
 from hfedmoe.platform.client import LocalTrainer
 from hfedmoe.platform.config import ExperimentConfig
-from hfedmoe.platform.data.corpora import split_record, stratified_split
+from hfedmoe.platform.data.corpora import check_split, split_record, stratified_split
 from hfedmoe.platform.data.partitioning import ClientShards, partition
 from hfedmoe.platform.data.tokenisation import TokenizedText
 from hfedmoe.platform.models import MoEAdapter, build_adapter
@@ -58,6 +58,8 @@ def build_federation(cfg: ExperimentConfig) -> tuple[Federation, MoEAdapter]:
     examples = task.load(data_cfg)
     groups = examples.groups
     train_idx, test_idx = stratified_split(groups, data_cfg.test_fraction, cfg.seed)
+    source = f"data.path {data_cfg.path}" if data_cfg.path else f"data.source {data_cfg.source}"
+    check_split(groups, test_idx, data_cfg.test_fraction, source)
     split = split_record(groups, train_idx, test_idx, cfg.seed, data_cfg.test_fraction)
     if data_cfg.max_test_samples is not None and len(test_idx) > data_cfg.max_test_samples:
         rng = np.random.default_rng([cfg.seed, 1])

@@ -7,7 +7,7 @@ and tracking can all speak of the same records without importing each other.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -233,6 +233,25 @@ class ClientRecord:
     routed_per_step: float = 0.0  # mean |E_union| of its steps
     admitted_share: float = 0.0  # mean share of the routed union its steps trained
     measured_peak_bytes: float | None = None  # on GPU: the allocator's peak under the cap
+
+    @classmethod
+    def from_report(cls, report: ClientReport, round_index: int, tier: str) -> ClientRecord:
+        """The record of ``report``: every field both types have is the report's; the
+        round, the client's tier and its count of trained experts come from elsewhere."""
+        trained = int(report.trained.sum()) if report.trained is not None else 0
+        return cls(
+            round=round_index,
+            client=report.client_id,
+            tier=tier,
+            experts_trained=trained,
+            **{name: getattr(report, name) for name in _REPORTED},
+        )
+
+
+# The ClientRecord fields copied from a ClientReport as they are (same name, same meaning).
+_REPORTED = tuple(
+    f.name for f in fields(ClientRecord) if f.name in {g.name for g in fields(ClientReport)}
+)
 
 
 @dataclass

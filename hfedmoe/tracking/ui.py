@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -38,21 +40,36 @@ def start_server(
 
     MLflow's Host-header protection stays on: it answers requests addressed to localhost,
     so remote users reach it through an ssh tunnel or port forwarding, not a public bind.
+    The process returned is the server's guard (``server_guard.py``): stopping it, or this
+    process ending in any way, SIGKILL included, stops the server and all its children.
     """
     port = port or free_port()
     artifacts = None
     if backend_uri.startswith("sqlite:///"):
         artifacts = Path(backend_uri.removeprefix("sqlite:///")).parent / "mlartifacts"
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri]
+    command = [sys.executable, "-m", "hfedmoe.tracking.server_guard"]
+    command += [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri]
     command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     if artifacts is not None:
         command += ["--artifacts-destination", str(artifacts)]
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     # A file, not a pipe: nobody reads the server's log once it runs, and a full pipe
-    # would block it on its next write. The server keeps its own handle.
+    # would block it on its next write. The server keeps its own handle. The guard's stdin
+    # is a pipe only this process writes to: its end of file means this process is gone.
+    # Its own session: a Ctrl-C in the terminal reaches this process, which stops it.
+    # MLflow 3's job runner (GenAI scorers and trace rollups, eight processes that each import
+    # mlflow) serves nothing of a training run: off unless the user turns it on.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
     with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+        process = subprocess.Popen(
+            command,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,
+        )
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 log.seek(0)
@@ -84,7 +101,11 @@ def runs_table_urls(url: str) -> dict[str, str]:
 
 
 def stop_server(process: subprocess.Popen, timeout_s: float = 20.0) -> None:
-    """Stop the server this process started (its gunicorn/uvicorn children with it)."""
+    """Stop the server this process started, its gunicorn/uvicorn/job-runner children with it.
+
+    The guard stops the server's process group; anything still running after it exited
+    (it was killed itself, say) is killed here.
+    """
     import psutil
 
     try:
@@ -97,6 +118,8 @@ def stop_server(process: subprocess.Popen, timeout_s: float = 20.0) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+    if process.stdin is not None:
+        process.stdin.close()
     for child in children:
-        if child.is_running():
+        with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()

@@ -25,15 +25,18 @@ from typing import Any
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hfedmoe.platform.budgets.drawing import draw_budgets
 from hfedmoe.platform.config import (
     ConfigError,
     ExperimentConfig,
     check_paths,
+    check_tracking_uri,
     parse_config,
+    read_yaml,
     set_dotted,
+    validation_message,
 )
 from hfedmoe.platform.engine import Callback, Run
 from hfedmoe.platform.plugins import load_plugins
@@ -106,7 +109,7 @@ class AshaConfig(BaseModel):
 
 class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str
+    name: str = Field(..., description="the sweep's name: its directory and MLflow parent run")
     base: str = Field(..., description="experiment YAML, relative to the sweep file")
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted key -> value")
     search: dict[str, SearchSpec] = Field(..., min_length=1)
@@ -124,6 +127,11 @@ class SweepConfig(BaseModel):
     tracking_uri: str | None = Field(None, description="MLflow store (default: sqlite in it)")
     experiment: str | None = Field(None, description="MLflow experiment (default: name)")
     target_accuracy: float | None = Field(None, gt=0, le=1)
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _a_tracking_uri(cls, uri: str | None) -> str | None:
+        return None if uri is None else check_tracking_uri(uri)
 
     @model_validator(mode="after")
     def _asha_sees_real_accuracy(self) -> SweepConfig:
@@ -151,19 +159,25 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path, "sweep file") or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a sweep file is a mapping (name, base, search, ...)")
     try:
         sweep = SweepConfig.model_validate(raw)
     except ValidationError as err:
-        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
-        raise ConfigError(f"invalid sweep {path}:\n" + "\n".join(lines)) from None
+        raise ConfigError(f"{path}: {validation_message(err, SweepConfig)}") from None
     base_path = (path.parent / sweep.base).resolve()
     if not base_path.is_file():
-        raise ConfigError(f"sweep.base: {base_path} does not exist")
-    base = yaml.safe_load(base_path.read_text()) or {}
+        raise ConfigError(
+            f"{path}: base: {base_path} does not exist; give the experiment YAML's path "
+            "relative to the sweep file"
+        )
+    base = read_yaml(base_path, "config") or {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"{base_path}: the top level must be a mapping of sections")
     for key, value in sweep.overrides.items():
         set_dotted(base, key, value)
-    base_cfg = parse_config(base)
+    base_cfg = parse_config(base, f"{path}: base {base_path} with overrides")
     check_paths(base_cfg)
     if sweep.asha is not None and base_cfg.federation.eval_every != 1:
         raise ConfigError(
@@ -327,12 +341,12 @@ def run_sweep(path: str | Path, progress: bool = True, plugins: Sequence[str] = 
         )
     storage = Path(sweep.storage_path).resolve()
     sweep_dir = storage / f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    sweep_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = sweep.tracking_uri or f"sqlite:///{sweep_dir / 'mlflow.db'}"
     experiment = sweep.experiment or sweep.name
 
     started_ray = connect(base.runtime.address)
     try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
         unit = "GPU" if base.runtime.device == "cuda" else "CPU"
         cluster_units = float(ray.cluster_resources().get(unit, 0.0))
         per_trial, concurrent = trial_share(sweep, base, cluster_units)

@@ -166,11 +166,27 @@ def _local_data_files(path: Path) -> tuple[str, list[str]]:
     builders = {_LOCAL_BUILDERS.get(f.suffix.lower()) for f in files}
     if len(builders) != 1 or None in builders:
         found = ", ".join(f.name for f in files) or "none"
-        raise ValueError(
-            f"{path}: expected a .csv, .json, .jsonl or .parquet file, or a directory of "
-            f"files of one of those kinds (found: {found})"
+        raise ConfigError(
+            f"data.path {path}: expected a .csv, .json, .jsonl or .parquet file, or a directory "
+            f"of files of one of those kinds (found: {found})"
         )
-    return str(builders.pop()), [str(f) for f in files]
+    builder = str(builders.pop())
+    for file in files:
+        if file.stat().st_size == 0:
+            raise ConfigError(f"data.path: {file} is empty; give a {builder} file with samples")
+    if builder == "csv" and not any(_csv_has_rows(f) for f in files):
+        raise ConfigError(
+            f"data.path {path}: no CSV rows below the header; give a file with a header line "
+            "naming its columns and one row per sample"
+        )
+    return builder, [str(f) for f in files]
+
+
+def _csv_has_rows(path: Path) -> bool:
+    with path.open(newline="", encoding="utf-8", errors="replace") as handle:
+        rows = csv.reader(handle)
+        next(rows, None)  # the header
+        return any(row for row in rows)  # blank lines are empty rows
 
 
 def _encode_labels(feature: Any, values: list[Any], field: str) -> tuple[np.ndarray, list[str]]:
@@ -179,17 +195,20 @@ def _encode_labels(feature: Any, values: list[Any], field: str) -> tuple[np.ndar
     if isinstance(feature, ClassLabel):
         labels = np.asarray(values, dtype=np.int64)
         if len(labels) and labels.min() < 0:
-            raise ValueError(
-                f"label field {field!r} has unlabelled rows (-1); use a labelled split"
+            raise ConfigError(
+                f"data.label_field {field!r} has unlabelled rows (-1); use a labelled split "
+                "(data.split)"
             )
         return labels, list(feature.names)
     dtype = str(feature.dtype) if isinstance(feature, Value) else ""
     if not (dtype in ("string", "large_string", "bool") or dtype.startswith(("int", "uint"))):
-        raise ValueError(
-            f"label field {field!r} is {feature}; expected class labels, strings or ints"
+        raise ConfigError(
+            f"data.label_field {field!r} is {feature}; expected class labels, strings or ints"
         )
     if any(value is None for value in values):
-        raise ValueError(f"label field {field!r} has missing values")
+        raise ConfigError(
+            f"data.label_field {field!r} has missing values; fill them or drop those rows"
+        )
     # Sorted unique values become ids 0..C-1 (numeric order for ints, lexical for strings).
     names, labels = np.unique(np.asarray(values), return_inverse=True)
     return labels.astype(np.int64), [str(name) for name in names]
@@ -199,12 +218,15 @@ def corpus_from_dataset(
     dataset: Dataset, text_fields: list[str], label_field: str, name: str
 ) -> TextCorpus:
     """The `text_fields` (joined with ". ") and `label_field` of a loaded dataset."""
-    missing = [f for f in [*text_fields, label_field] if f not in dataset.column_names]
-    if missing:
-        raise ValueError(
-            f"{name}: field(s) {', '.join(missing)} not found; "
-            f"available columns: {', '.join(dataset.column_names)}"
-        )
+    for key, wanted in (("data.text_fields", text_fields), ("data.label_field", [label_field])):
+        missing = [f for f in wanted if f not in dataset.column_names]
+        if missing:
+            columns = ", ".join(dataset.column_names)
+            raise ConfigError(
+                f"{key}: field(s) {', '.join(missing)} not found in {name}; available "
+                f"columns: {columns}; set {key} to the column(s) that hold the "
+                f"{'texts' if key == 'data.text_fields' else 'labels'}"
+            )
     columns = [list(dataset[field]) for field in text_fields]
     texts = [
         ". ".join("" if v is None else str(v) for v in values)
@@ -223,12 +245,25 @@ def load_dataset_split(name_or_path: str, split: str) -> Dataset:
     `datasets` builder; local files form the split "train" (slices like "train[:10%]" work).
     """
     from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
 
     path = Path(name_or_path)
     if path.exists():
         builder, files = _local_data_files(path)
-        return load_dataset(builder, data_files=files, split=split)
-    return load_dataset(name_or_path, split=split)
+        try:
+            dataset = load_dataset(builder, data_files=files, split=split)
+        except (ValueError, DatasetGenerationError) as err:
+            cause = err.__cause__ or err
+            raise ConfigError(
+                f"data.path {path}: could not read split {split!r} as {builder} "
+                f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}); "
+                f"check the file's {builder} format and data.split (local files are 'train')"
+            ) from None
+    else:
+        dataset = load_dataset(name_or_path, split=split)
+    if len(dataset) == 0:
+        raise ConfigError(f"data.path {name_or_path}: split {split!r} has no rows")
+    return dataset
 
 
 def load_hf_dataset(
@@ -285,6 +320,21 @@ def stratified_split(
         members = rng.permutation(np.flatnonzero(labels == cls))
         is_test[members[: _test_count(len(members), test_fraction)]] = True
     return np.flatnonzero(~is_test).astype(np.int64), np.flatnonzero(is_test).astype(np.int64)
+
+
+def check_split(
+    labels: np.ndarray, test_idx: np.ndarray, test_fraction: float, source: str
+) -> None:
+    """A split with no test rows cannot evaluate: say why and what to give instead."""
+    if len(test_idx):
+        return
+    classes = len(np.unique(labels))
+    raise ConfigError(
+        f"{source}: {len(labels)} row(s) in {classes} class(es) leave the test split empty "
+        f"(data.test_fraction={test_fraction:g} keeps at least one row of each class for "
+        "training, so only a class of two or more rows gives one to the test split); give "
+        "more rows, at least two of some class"
+    )
 
 
 def split_record(

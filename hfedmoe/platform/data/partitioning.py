@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from hfedmoe.platform.errors import ConfigError
+
 PARTITION_KINDS = ("iid", "dirichlet", "shards")
 _RESAMPLE_HINT = "or set data.partition.samples_per_client to sample clients with replacement"
 
@@ -83,10 +85,10 @@ def partition_iid(num_samples: int, num_clients: int, seed: int, min_size: int =
     _check_clients(num_clients)
     base, extra = divmod(num_samples, num_clients)
     if base < min_size:
-        raise ValueError(
-            f"{num_samples} samples over {num_clients} clients leave some with {base}, fewer "
-            f"than min_size={min_size}; lower data.partition.min_size, use fewer clients, "
-            + _RESAMPLE_HINT
+        raise ConfigError(
+            f"{num_samples} training samples over {num_clients} clients leave some with {base}, "
+            f"fewer than min_size={min_size}; lower data.partition.min_size, use fewer clients "
+            "(federation.num_clients), " + _RESAMPLE_HINT
         )
     sizes = np.full(num_clients, base, dtype=np.int64)
     sizes[:extra] += 1
@@ -113,13 +115,13 @@ def partition_dirichlet(
     labels = np.asarray(labels)
     required = _min_client_size(min_size, allow_empty)
     hint = (
-        "lower data.partition.min_size, raise data.partition.alpha, use fewer clients, "
-        + _RESAMPLE_HINT
+        "lower data.partition.min_size, raise data.partition.alpha, use fewer clients "
+        "(federation.num_clients), " + _RESAMPLE_HINT
     )
     if num_clients * required > len(labels):
-        raise ValueError(
+        raise ConfigError(
             f"{num_clients} clients with at least {required} samples each need "
-            f"{num_clients * required} samples, but the pool has {len(labels)}; {hint}"
+            f"{num_clients * required} samples, but the training split has {len(labels)}; {hint}"
         )
     rng = np.random.default_rng(seed)
     pools = [np.flatnonzero(labels == cls) for cls in np.unique(labels)]
@@ -127,7 +129,7 @@ def partition_dirichlet(
         shards = _dirichlet_draw(pools, num_clients, alpha, rng)
         if shards.sizes.min() >= required:
             return shards
-    raise ValueError(
+    raise ConfigError(
         f"no Dirichlet(alpha={alpha}) draw in {max_retries} tries gave all {num_clients} "
         f"clients at least {required} samples from a pool of {len(labels)}; {hint}"
     )
@@ -157,9 +159,10 @@ def partition_shards(
     labels = np.asarray(labels)
     num_shards = num_clients * shards_per_client
     if shards_per_client < 1 or len(labels) < num_shards:
-        raise ValueError(
+        raise ConfigError(
             f"{num_clients} clients x {shards_per_client} shards need at least {num_shards} "
-            f"samples, but the pool has {len(labels)}; use fewer clients or a smaller "
+            f"samples, but the training split has {len(labels)}; use fewer clients "
+            "(federation.num_clients) or a smaller "
             "data.partition.shards_per_client"
         )
     rng = np.random.default_rng(seed)
