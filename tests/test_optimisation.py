@@ -256,7 +256,7 @@ def test_parts_compose_with_any_selection_rule_and_take_their_params():
 def test_bad_parts_are_one_line_errors_naming_the_field(federation, message):
     with pytest.raises(ConfigError, match=message) as err:
         parse_config({"federation": federation})
-    assert len(str(err.value).splitlines()) == 2  # the header and the one field
+    assert len(str(err.value).splitlines()) == 1  # one line: the field, the problem, the fix
 
 
 # ---- federations ---------------------------------------------------------------------------
