@@ -264,7 +264,7 @@ def test_a_plugin_file_runs_on_ray_as_in_process(ray_address, tmp_path):
     try:
         load_plugins([str(plugin)])
         federation = {"strategy": "plugin_lowest_first", "server_update": "plugin_half_step"}
-        cfg = binding(tmp_path, federation={**federation, "rounds": 2}, tracking={"enabled": False})
+        cfg = tiny(tmp_path, federation=federation, tracking={"enabled": False})
         expected_history, expected_state = run_simulation(cfg)
         result = launch(cfg, run_dir=tmp_path / "ray", progress=False)
         assert_same_run(expected_history, expected_state, result.history, result.state)
