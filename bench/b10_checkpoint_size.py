@@ -50,12 +50,12 @@ class Measure(Callback):
         return False
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--quick", action="store_true", help="tiny settings, for smoke tests")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "b10.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rounds = 12 if args.quick else args.rounds
     raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     raw["federation"].update(rounds=rounds, eval_every=rounds)

@@ -168,12 +168,12 @@ def table(records: list[dict], steps: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     regime_arguments(parser)
     parser.add_argument("--out", type=Path, default=Path("bench/results/b11"))
     parser.set_defaults(rounds=20)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.data, args.traces = args.data.resolve(), args.traces.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)

@@ -74,13 +74,13 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--strategies", nargs="+", default=["hfedmoe", "budget_random"])
     parser.add_argument("--out", type=Path, default=Path("bench/results/b13"))
     parser.add_argument("--quick", action="store_true", help="2 rounds, 2 steps, 20 tests")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.strategies = 2, args.strategies[:1]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -72,12 +72,12 @@ def counted_flops(adapter, batch, keep: int, stop_gradient: bool) -> float:
     return float(counter.get_total_flops())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a small model, for smoke tests")
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--out", type=Path, default=Path("bench/results/b3.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     model = dict(MODEL)
     batch_size, length = 8, 128
     if args.quick:

@@ -162,7 +162,7 @@ def plot(records: list[dict], path: Path, strategies: list[str], target: float) 
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=Path("../shared/data/ag_news"))
     parser.add_argument("--traces", type=Path, default=Path("../shared/data/device_traces"))
@@ -173,7 +173,7 @@ def main() -> None:
         "--memory-scale", type=float, default=0.25, help="device RAM x this = the memory budget"
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results/b4"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.data, args.traces = args.data.resolve(), args.traces.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     records = [run_one(s, seed, args, args.out) for seed in args.seeds for s in args.strategies]

@@ -45,11 +45,11 @@ def sweep_file(directory: Path, quick: bool) -> Path:
     return path
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="2 trials of 1 round")
     parser.add_argument("--out", type=Path, default=Path("bench/results/b5.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     from hfedmoe.tuning.sweep import run_sweep
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -159,7 +159,7 @@ def markdown(cells: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
     parser.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
@@ -175,7 +175,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/b6-grid.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.experts, args.layers, args.steps = [16], 1, 2
         args.train_samples, args.test_samples, args.max_length = 16, 16, 16

@@ -110,7 +110,7 @@ def counted_gflops(adapter, batch, mode: str) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="2 layers, E = 8 and 16, 1 repeat")
     parser.add_argument("--repeats", type=int, default=7)
@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--experts", default="8,16,32,64,128")
     parser.add_argument("--modes", default="all,quarter")
     parser.add_argument("--out", type=Path, default=Path("bench/results/b7.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     experts = [int(e) for e in args.experts.split(",")]
     modes = args.modes.split(",")
@@ -144,13 +144,15 @@ def main() -> None:
         for mode in modes:
             times: dict[str, list[dict[str, float]]] = {path: [] for path in PATHS}
             optimizers = {path: ExpertAdamW(lr=1e-6, weight_decay=0.0) for path in PATHS}
-            for repeat in range(args.repeats + 1):  # the first round warms up
-                for path, forward in PATHS.items():  # interleaved: same machine state
-                    UpcycledFeedForward.forward = forward
-                    measured = step(adapter, batch, mode, optimizers[path])
-                    if repeat:
-                        times[path].append(measured)
-            UpcycledFeedForward.forward = GROUPED_FORWARD
+            try:
+                for repeat in range(args.repeats + 1):  # the first round warms up
+                    for path, forward in PATHS.items():  # interleaved: same machine state
+                        UpcycledFeedForward.forward = forward
+                        measured = step(adapter, batch, mode, optimizers[path])
+                        if repeat:
+                            times[path].append(measured)
+            finally:  # the class's own forward again, also for a caller in this process
+                UpcycledFeedForward.forward = GROUPED_FORWARD
             row = {
                 "experts": num_experts,
                 "top_k": num_experts // 4,

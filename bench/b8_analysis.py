@@ -204,12 +204,12 @@ def plot(union: dict, curves: dict, path: Path, setting: float) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     regime_arguments(parser)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("bench/results/b8"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.data, args.traces = args.data.resolve(), args.traces.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)

@@ -191,38 +191,43 @@ def regime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny settings, for smoke tests")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     regime_arguments(parser)
     parser.add_argument("--only", choices=sorted(PLAN), help="run one data set's share only")
     parser.add_argument("--out", type=Path, default=Path("bench/results/b8"))
     parser.add_argument("--strategies", nargs="+", help="a subset of the plan's strategies")
     parser.add_argument("--seeds", type=int, help="only the first N of the plan's seeds")
-    args = parser.parse_args()
-    for dataset, (strategies, seeds) in PLAN.items():
-        chosen = [s for s in strategies if not args.strategies or s in args.strategies]
-        PLAN[dataset] = (chosen, seeds[: args.seeds] if args.seeds else seeds)
+    args = parser.parse_args(argv)
+    # This call's plan: PLAN itself stays whole for the next call in the same process.
+    plan = {
+        dataset: (
+            [s for s in strategies if not args.strategies or s in args.strategies],
+            seeds[: args.seeds] if args.seeds else seeds,
+        )
+        for dataset, (strategies, seeds) in PLAN.items()
+    }
     args.data, args.traces = args.data.resolve(), args.traces.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # one core per run: the other stays free, and runs compare fairly
 
     regime_path = args.out / "regime.json"
     if not regime_path.is_file():
-        regime = {d: capacity_shares(config(d, "hfedmoe", 0, args)) for d in PLAN}
+        regime = {d: capacity_shares(config(d, "hfedmoe", 0, args)) for d in plan}
         regime["machine"] = machine_info()
         regime_path.write_text(json.dumps(regime, indent=1))
     # Seed by seed, so that an interrupted benchmark has every strategy at equal seeds.
-    datasets = [args.only] if args.only else list(PLAN)
+    datasets = [args.only] if args.only else list(plan)
     order = [
         (d, s, seed)
-        for seed in range(max(len(PLAN[d][1]) for d in datasets))
+        for seed in range(max(len(plan[d][1]) for d in datasets))
         for d in datasets
-        for s in PLAN[d][0]
-        if seed < len(PLAN[d][1])
+        for s in plan[d][0]
+        if seed < len(plan[d][1])
     ]
     records = [run_one(d, s, seed, args, args.out) for d, s, seed in order]
     for dataset in datasets:
-        strategies = PLAN[dataset][0]
+        strategies = plan[dataset][0]
         mine = [r for r in records if r["dataset"] == dataset]
         report = table(mine, strategies, TARGET[dataset])
         (args.out / f"{dataset}-table.md").write_text(report + "\n")

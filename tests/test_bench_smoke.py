@@ -1,14 +1,18 @@
 """Smoke tests of the benchmarks in bench/: tiny sizes, the JSON reports' keys and sanity.
 
-Each script runs as a subprocess with --quick and starts its own local Ray (the benchmarks
-measure start-up too), independent of the session's Ray fixture; one platform process
-takes about 30 s on two cores, so each test runs one or two. The Flower half needs
+B1 and B2 run as subprocesses, `python bench/X.py --quick` as a user runs them (the test
+of the command-line entry): each platform side starts its own local Ray, independent of
+the session's Ray fixture, since start-up is part of what they measure; one platform
+process takes about 30 s on two cores. The other benchmarks run their `main(argv)` in
+this process, from the checkout as their command lines do (B5's sweep on the session's
+Ray), saving an interpreter and its torch imports each. The Flower half needs
 bench/.venv-flower (bench/setup_flower_env.sh), which CI does not build. The summary
 arithmetic is checked directly on made-up rounds.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -17,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
@@ -157,22 +162,25 @@ def test_ratios_and_targets():
     assert targets["b_k100_hfedmoe_efficiency"]["met"]
 
 
-def run_script(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run(
-        [sys.executable, str(BENCH / script), "--quick", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
+@pytest.fixture
+def bench_main(monkeypatch, capsys):
+    """Run a benchmark's ``main(argv)`` with --quick here, as `python bench/X.py` runs from
+    the checkout (relative paths), and return what it printed. The scripts pin torch's
+    thread count for their own timing; the tests after them get theirs back."""
+    monkeypatch.chdir(REPO)
+    threads = torch.get_num_threads()
+
+    def call(script: str, *args: str) -> str:
+        capsys.readouterr()  # only what the benchmark prints
+        importlib.import_module(script).main(["--quick", *args])
+        return capsys.readouterr().out
+
+    yield call
+    torch.set_num_threads(threads)
 
 
-def test_b3_selective_backward(tmp_path):
-    run_script("b3_selective_backward.py", "--out", str(tmp_path / "b3.json"))
+def test_b3_selective_backward(tmp_path, bench_main):
+    bench_main("b3_selective_backward", "--out", str(tmp_path / "b3.json"))
     payload = json.loads((tmp_path / "b3.json").read_text())
     rows = {(r["mode"], r["trainable_per_layer"]): r for r in payload["rows"]}
     assert len(rows) == 8
@@ -188,29 +196,30 @@ def test_b3_selective_backward(tmp_path):
     not (REPO.parent / "shared" / "data" / "ag_news" / "test.csv").is_file(),
     reason="../shared/data/ag_news is not beside the checkout",
 )
-def test_b4_paper_claims(tmp_path):
+def test_b4_paper_claims(tmp_path, bench_main):
     out = tmp_path / "b4"
-    done = run_script(
-        "b4_paper_claims.py", "--seeds", "0", "--strategies", "hfedmoe", "fedavg_full",
+    printed = bench_main(
+        "b4_paper_claims", "--seeds", "0", "--strategies", "hfedmoe", "fedavg_full",
         "--out", str(out),
     )  # fmt: skip
     records = [json.loads((out / f"{s}-s0.json").read_text()) for s in ("hfedmoe", "fedavg_full")]
     assert all(0 <= r["summary"]["final_accuracy"] <= 1 for r in records)
     assert (out / "table.md").is_file() and (out / "accuracy.png").stat().st_size > 10_000
-    assert "| hfedmoe |" in done.stdout and "| fedavg_full |" in done.stdout
+    assert "| hfedmoe |" in printed and "| fedavg_full |" in printed
 
 
 @pytest.mark.slow
-def test_b5_sweep_cost(tmp_path):
-    run_script("b5_sweep_cost.py", "--out", str(tmp_path / "b5.json"))
+@pytest.mark.ray
+def test_b5_sweep_cost(ray_address, tmp_path, bench_main):
+    bench_main("b5_sweep_cost", "--out", str(tmp_path / "b5.json"))
     payload = json.loads((tmp_path / "b5.json").read_text())
     assert payload["trials"] == 2 and payload["failed_trials"] == 0
     assert 0 < payload["startup_share"] < 1
     assert payload["total_seconds"] > payload["trial_seconds_mean"]
 
 
-def test_b6_expert_init(tmp_path):
-    run_script("b6_expert_init.py", "--out", str(tmp_path / "b6.json"))
+def test_b6_expert_init(tmp_path, bench_main):
+    bench_main("b6_expert_init", "--out", str(tmp_path / "b6.json"))
     cells = json.loads((tmp_path / "b6.json").read_text())["cells"]
     assert {c["expert_init"] for c in cells} == {"copy", "drop", "partition"}
     for cell in cells:
@@ -219,8 +228,8 @@ def test_b6_expert_init(tmp_path):
         assert 1 <= cell["union_init"] <= cell["num_experts"]
 
 
-def test_b7_expert_scaling(tmp_path):
-    run_script("b7_expert_scaling.py", "--out", str(tmp_path / "b7.json"))
+def test_b7_expert_scaling(tmp_path, bench_main):
+    bench_main("b7_expert_scaling", "--out", str(tmp_path / "b7.json"))
     rows = json.loads((tmp_path / "b7.json").read_text())["rows"]
     assert {(r["experts"], r["trained"]) for r in rows} == {
         (8, "all"),
@@ -235,9 +244,9 @@ def test_b7_expert_scaling(tmp_path):
 
 
 @pytest.mark.slow
-def test_b8_paper_regime(tmp_path):
+def test_b8_paper_regime(tmp_path, bench_main):
     out = tmp_path / "b8"
-    done = run_script("b8_paper_regime.py", "--only", "bbc_news", "--out", str(out))
+    printed = bench_main("b8_paper_regime", "--only", "bbc_news", "--out", str(out))
     regime = json.loads((out / "regime.json").read_text())["bbc_news"]
     assert 0 < regime["capacity_share_mean"] < 1  # the budgets bind
     runs = [json.loads(p.read_text()) for p in out.glob("bbc_news-*-s*.json")]
@@ -249,7 +258,7 @@ def test_b8_paper_regime(tmp_path):
     for run in runs:
         assert len(run["rounds"]) == 2 and all(m["sampled"] == 3 for m in run["rounds"])
     assert (out / "bbc_news-accuracy.png").stat().st_size > 10_000
-    assert "| moe_all_routed | 2 |" in done.stdout
+    assert "| moe_all_routed | 2 |" in printed
 
 
 @pytest.mark.slow
@@ -257,8 +266,8 @@ def test_b8_paper_regime(tmp_path):
     not (REPO.parent / "shared" / "data" / "ag_news" / "test.csv").is_file(),
     reason="../shared/data/ag_news is not beside the checkout",
 )
-def test_b8_analysis(tmp_path):
-    run_script("b8_analysis.py", "--clients", "1", "--out", str(tmp_path))
+def test_b8_analysis(tmp_path, bench_main):
+    bench_main("b8_analysis", "--clients", "1", "--out", str(tmp_path))
     report = json.loads((tmp_path / "analysis.json").read_text())
     union = report["union_by_batch_size"]
     means = [union[str(b)]["mean"] for b in (1, 2, 4, 8, 16, 32)]
@@ -270,8 +279,8 @@ def test_b8_analysis(tmp_path):
     assert (tmp_path / "union_and_failures.png").stat().st_size > 10_000
 
 
-def test_b10_checkpoint_size(tmp_path):
-    run_script("b10_checkpoint_size.py", "--out", str(tmp_path / "b10.json"))
+def test_b10_checkpoint_size(tmp_path, bench_main):
+    bench_main("b10_checkpoint_size", "--out", str(tmp_path / "b10.json"))
     report = json.loads((tmp_path / "b10.json").read_text())
     assert report["rounds"] == 12 and len(report["rows"]) == 12
     # Rewriting the history would add one record (history_appended) per round, per round;
@@ -284,8 +293,8 @@ def test_b10_checkpoint_size(tmp_path):
     not (REPO.parent / "shared" / "data" / "ag_news" / "test.csv").is_file(),
     reason="../shared/data/ag_news is not beside the checkout",
 )
-def test_b11_lora(tmp_path):
-    done = run_script("b11_lora.py", "--out", str(tmp_path))
+def test_b11_lora(tmp_path, bench_main):
+    printed = bench_main("b11_lora", "--out", str(tmp_path))
     steps = json.loads((tmp_path / "steps.json").read_text())
     full, lora, qlora = steps["full"], steps["lora"], steps["qlora"]
     # Whole experts and LoRA: the modelled step is the tensors it holds. The footprint's
@@ -304,11 +313,11 @@ def test_b11_lora(tmp_path):
         for m in ("full", "lora", "qlora")
     }
     assert moved["lora"] == moved["qlora"] < moved["full"] / 5  # adapters and head only
-    assert "| qlora | moe_all_routed | 1 |" in done.stdout
+    assert "| qlora | moe_all_routed | 1 |" in printed
 
 
-def test_b13_causal_lm(tmp_path):
-    run_script("b13_causal_lm.py", "--out", str(tmp_path))
+def test_b13_causal_lm(tmp_path, bench_main):
+    bench_main("b13_causal_lm", "--out", str(tmp_path))
     record = json.loads((tmp_path / "hfedmoe.json").read_text())
     rounds = record["rounds"]
     assert len(rounds) == 2 and all(r["perplexity"] > 1 for r in rounds)

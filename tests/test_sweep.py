@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from hfedmoe.platform.config import ConfigError, parse_config
-from hfedmoe.tracking.ui import runs_table_urls, start_server, stop_server
+from hfedmoe.tracking.ui import runs_table_urls
 from hfedmoe.tuning.sweep import (
     DRIVER_CPUS,
     load_sweep,
@@ -128,15 +128,6 @@ def test_trials_at_once_follow_the_cluster(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real MLflow tracking server on a free loopback port, stopped by its process id."""
-    store = tmp_path_factory.mktemp("mlflow")
-    process, url = start_server(f"sqlite:///{store / 'mlflow.db'}")
-    yield url
-    stop_server(process)
-
-
-@pytest.fixture(scope="module")
 def finished_sweep(ray_address, mlflow_server, tmp_path_factory):
     directory = tmp_path_factory.mktemp("sweep")
     # Half the trials fail right after their round-0 checkpoint; Tune retries each once.
@@ -148,7 +139,7 @@ def finished_sweep(ray_address, mlflow_server, tmp_path_factory):
         directory,
         search=search,
         max_failures=1,
-        tracking_uri=mlflow_server,
+        tracking_uri=mlflow_server.url,
         experiment="tiny-sweep",
     )
     return run_sweep(path, progress=False)
@@ -179,11 +170,11 @@ def test_sweep_trials_are_child_runs_in_the_mlflow_server(finished_sweep, mlflow
         ("null", "hfedmoe", "1"), ("null", "budget_random", "1"),
         ("0", "hfedmoe", "2"), ("0", "budget_random", "2"),
     }  # fmt: skip
-    experiment = _get(mlflow_server, "/api/2.0/mlflow/experiments/get-by-name",
+    experiment = _get(mlflow_server.url, "/api/2.0/mlflow/experiments/get-by-name",
                       experiment_name="tiny-sweep")["experiment"]  # fmt: skip
     parent = finished_sweep.parent_run_id
     children = _post(
-        mlflow_server,
+        mlflow_server.url,
         "/api/2.0/mlflow/runs/search",
         {
             "experiment_ids": [experiment["experiment_id"]],
@@ -194,16 +185,16 @@ def test_sweep_trials_are_child_runs_in_the_mlflow_server(finished_sweep, mlflow
     for child in children:
         assert child["info"]["status"] == "FINISHED"
         run_id = child["info"]["run_id"]
-        history = _get(mlflow_server, "/api/2.0/mlflow/metrics/get-history",
+        history = _get(mlflow_server.url, "/api/2.0/mlflow/metrics/get-history",
                        run_id=run_id, metric_key="accuracy")["metrics"]  # fmt: skip
         assert sorted(m["step"] for m in history) == [0, 1]  # once each, retried or not
         params = {p["key"]: p["value"] for p in child["data"]["params"]}
         assert params["federation.rounds"] == "2"
-    parent_run = _get(mlflow_server, "/api/2.0/mlflow/runs/get", run_id=parent)["run"]
+    parent_run = _get(mlflow_server.url, "/api/2.0/mlflow/runs/get", run_id=parent)["run"]
     assert parent_run["info"]["status"] == "FINISHED"
     parent_metrics = {m["key"]: m["value"] for m in parent_run["data"]["metrics"]}
     assert parent_metrics["retried_trials"] == 2 and parent_metrics["failed_trials"] == 0
-    files = _get(mlflow_server, "/api/2.0/mlflow/artifacts/list", run_id=parent)["files"]
+    files = _get(mlflow_server.url, "/api/2.0/mlflow/artifacts/list", run_id=parent)["files"]
     assert {"trials.csv", "best_config.yaml", "sweep.yaml"} <= {f["path"] for f in files}
     best = yaml.safe_load((finished_sweep.sweep_dir / "best_config.yaml").read_text())
     assert best["federation"]["rounds"] == 2
@@ -237,15 +228,15 @@ def test_browser_lists_the_sweep_child_runs(finished_sweep, mlflow_server, tmp_p
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    experiment = _get(mlflow_server, "/api/2.0/mlflow/experiments/get-by-name",
+    experiment = _get(mlflow_server.url, "/api/2.0/mlflow/experiments/get-by-name",
                       experiment_name="tiny-sweep")["experiment"]  # fmt: skip
     search = {"experiment_ids": [experiment["experiment_id"]]}
-    runs = _post(mlflow_server, "/api/2.0/mlflow/runs/search", search)["runs"]
+    runs = _post(mlflow_server.url, "/api/2.0/mlflow/runs/search", search)["runs"]
     names = [
         r["info"]["run_name"] for r in runs if r["info"]["run_id"] != finished_sweep.parent_run_id
     ]
     # The page `hfedmoe ui` prints for the experiment: its runs table.
-    page_url = runs_table_urls(mlflow_server)["tiny-sweep"]
+    page_url = runs_table_urls(mlflow_server.url)["tiny-sweep"]
     assert page_url.endswith(f"/#/experiments/{experiment['experiment_id']}/runs")
     browser = _browser()
     try:

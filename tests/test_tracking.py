@@ -66,6 +66,8 @@ class Server:
 
 @pytest.fixture
 def server(tmp_path):
+    """A server of the outage test's own: it stops and restarts it on the same port and
+    store, and counts every run in that store, so the session's server cannot serve."""
     server = Server(tmp_path)
     yield server
     server.stop()
@@ -155,8 +157,9 @@ def test_export_mlflow_reimports_a_run_directory(tmp_path, capsys):
     assert {"rounds.json", "learning_curves.png", "config.yaml"} <= artifacts
 
 
-def test_the_ui_server_listens_on_loopback_only_and_refuses_foreign_host_headers(server):
-    server.start()
+def test_the_ui_server_listens_on_loopback_only_and_refuses_foreign_host_headers(mlflow_server):
+    # The session's server: started by the same start_server as `hfedmoe ui`.
+    server = mlflow_server
     processes = [psutil.Process(server.process.pid)]
     processes += processes[0].children(recursive=True)
     listening = {
