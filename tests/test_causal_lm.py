@@ -403,11 +403,13 @@ def test_a_sweep_of_causal_lm_trials_reports_exact_match(ray_address, tmp_path):
     sweep = {
         "name": "lm-sweep",
         "base": str(base),
-        "search": {"federation.strategy": {"grid": ["hfedmoe", "budget_random"]}},
+        # One trial proves the path (trial sizing by the task's footprint, exact match
+        # reported to Tune); more trials would only repeat it.
+        "search": {"federation.strategy": {"grid": ["hfedmoe"]}},
         "storage_path": str(tmp_path / "sweeps"),
     }
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(sweep))
     result = run_sweep(path, progress=False)
-    assert len(result.rows) == 2
-    assert all(0 <= row["final_accuracy"] <= 1 for row in result.rows)
+    [row] = result.rows
+    assert row["status"] == "OK" and 0 <= row["final_accuracy"] <= 1
